@@ -1,0 +1,435 @@
+"""The typed configuration tree of a megatron_pd run (one dataclass per section).
+
+Every field has a default and a docstring (the string literal after it; ``--help-config``
+prints them). Each section validates itself in ``__post_init__`` and raises ``ValueError``
+naming ``section.field`` and the offending value; checks that span sections live in
+``Config.__post_init__``; checks that need the world size or the tokenizer live in
+``validate_for_world`` and the data module.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Optional
+
+SCHEDULE_STYLES = ("constant", "linear", "cosine", "wsd", "periodic")
+DECAY_SHAPES = ("linear", "cosine", "sqrt", "exponential")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
+
+
+def _fail(path: str, value, why: str):
+    raise ValueError(f"{path}={value!r}: {why}")
+
+
+def _positive(path: str, value) -> None:
+    if value is None or value <= 0:
+        _fail(path, value, "must be > 0")
+
+
+def _choice(path: str, value, choices) -> None:
+    if value not in choices:
+        _fail(path, value, f"must be one of {', '.join(choices)}")
+
+
+@dataclass
+class ModelConfig:
+    """Shape and flavour of a megatron-core GPTModel (Llama/GLM style by default)."""
+
+    preset: Optional[str] = None
+    """Name of a preset in megatron_pd.config.presets; its values are the defaults that any
+    other field given alongside overrides."""
+    num_layers: int = 2
+    """Transformer layers."""
+    hidden_size: int = 64
+    """Model width H."""
+    ffn_hidden_size: int = 256
+    """Inner width of the MLP (per gate/up branch when gated)."""
+    num_attention_heads: int = 4
+    """Query heads."""
+    num_query_groups: Optional[int] = None
+    """Key/value heads for grouped-query attention; None means multi-head (= heads)."""
+    kv_channels: Optional[int] = None
+    """Head dimension; None means hidden_size / num_attention_heads."""
+    vocab_size: Optional[int] = None
+    """True vocabulary size (the tokenizer's); None takes it from the tokenizer. The model's
+    embedding is padded above this, and every loss uses only the true vocabulary."""
+    make_vocab_size_divisible_by: int = 128
+    """The padded vocabulary is a multiple of this times the tensor-parallel size."""
+    max_position_embeddings: Optional[int] = None
+    """Longest sequence the model supports; None means data.seq_length."""
+    tie_embeddings: bool = True
+    """Share the input embedding and the output (LM head) weight."""
+    normalization: str = "RMSNorm"
+    """RMSNorm or LayerNorm."""
+    norm_epsilon: float = 1e-5
+    """Epsilon of the norms."""
+    activation: str = "swiglu"
+    """swiglu (gated SiLU), geglu (gated GELU) or gelu (plain MLP)."""
+    position_embedding: str = "rope"
+    """rope or learned_absolute."""
+    rotary_base: int = 10000
+    """RoPE base (theta)."""
+    rotary_percent: float = 1.0
+    """Fraction of each head's dimensions rotated by RoPE (GLM-4 rotates half)."""
+    add_bias_linear: bool = False
+    """Biases in all linear layers."""
+    add_qkv_bias: bool = False
+    """Bias in the query/key/value projection only (GLM-4, Qwen)."""
+    init_method_std: float = 0.02
+    """Standard deviation of the normal weight initialisation."""
+    attention_dropout: float = 0.0
+    """Dropout on attention probabilities."""
+    hidden_dropout: float = 0.0
+    """Dropout on the residual branches."""
+    transformer_impl: str = "auto"
+    """auto (transformer-engine layer spec when it imports and CUDA is present, else local),
+    local, or transformer_engine (an error when it cannot be used)."""
+
+    def __post_init__(self):
+        for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads"):
+            _positive(f"model.{name}", getattr(self, name))
+        _positive("model.make_vocab_size_divisible_by", self.make_vocab_size_divisible_by)
+        if self.vocab_size is not None:
+            _positive("model.vocab_size", self.vocab_size)
+        if self.num_query_groups is not None:
+            _positive("model.num_query_groups", self.num_query_groups)
+            if self.num_attention_heads % self.num_query_groups:
+                _fail(
+                    "model.num_query_groups",
+                    self.num_query_groups,
+                    f"must divide model.num_attention_heads={self.num_attention_heads}",
+                )
+        if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
+            _fail(
+                "model.hidden_size",
+                self.hidden_size,
+                f"must be divisible by model.num_attention_heads={self.num_attention_heads} "
+                "(or set model.kv_channels)",
+            )
+        _choice("model.normalization", self.normalization, ("RMSNorm", "LayerNorm"))
+        _choice("model.activation", self.activation, ("swiglu", "geglu", "gelu"))
+        _choice("model.position_embedding", self.position_embedding, ("rope", "learned_absolute"))
+        _choice("model.transformer_impl", self.transformer_impl, TRANSFORMER_IMPLS)
+        if not 0.0 < self.rotary_percent <= 1.0:
+            _fail("model.rotary_percent", self.rotary_percent, "must be in (0, 1]")
+        for name in ("attention_dropout", "hidden_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                _fail(f"model.{name}", getattr(self, name), "must be in [0, 1)")
+
+    @property
+    def query_groups(self) -> int:
+        """Key/value heads (resolves the multi-head default)."""
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel layout of the student (the data-parallel size is what remains of the world)."""
+
+    tp: int = 1
+    """Tensor-parallel size."""
+    pp: int = 1
+    """Pipeline-parallel size (1F1B schedule of megatron-core)."""
+    distributed_optimizer: bool = True
+    """Shard optimizer state across data-parallel ranks (megatron DistributedOptimizer)."""
+    overlap_grad_reduce: bool = False
+    """Overlap the data-parallel gradient reduction with the backward pass (GPU)."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism (needs tp > 1 and the transformer-engine norms)."""
+
+    def __post_init__(self):
+        _positive("parallel.tp", self.tp)
+        _positive("parallel.pp", self.pp)
+        if self.sequence_parallel and self.tp == 1:
+            _fail("parallel.sequence_parallel", True, "needs parallel.tp > 1")
+
+
+@dataclass
+class DataConfig:
+    """Token data (megatron .bin/.idx prefixes) and the tokenizer that made it."""
+
+    tokenizer_model: Optional[str] = None
+    """Path of the SentencePiece .model that tokenized the data."""
+    blend: list[str] = field(default_factory=list)
+    """Data prefixes (path without .bin/.idx), megatron style: ["p1", "p2"] or with weights
+    ["0.7", "p1", "0.3", "p2"]."""
+    split: str = "98,1,1"
+    """Train/valid/test proportions of the documents."""
+    seq_length: int = 256
+    """Tokens per sample."""
+    seed: int = 1234
+    """Seed of megatron's document/sample shuffle (defines the sample order)."""
+    cache_dir: Optional[str] = None
+    """Where megatron's dataset index caches go; None means <run_dir>/data_cache."""
+    eod_mask_loss: bool = False
+    """Exclude end-of-document targets from the loss."""
+    num_workers: int = 0
+    """DataLoader worker processes."""
+
+    def __post_init__(self):
+        _positive("data.seq_length", self.seq_length)
+        parts = self.split.replace("/", ",").split(",")
+        try:
+            values = [float(p) for p in parts]
+        except ValueError:
+            _fail("data.split", self.split, "must be comma-separated numbers like 98,1,1")
+        if len(values) != 3 or any(v < 0 for v in values) or sum(values) <= 0:
+            _fail("data.split", self.split, "needs three non-negative weights, not all zero")
+        if self.num_workers < 0:
+            _fail("data.num_workers", self.num_workers, "must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    """Batch sizes, length of the run, evaluation cadence, precision and seeds."""
+
+    micro_batch_size: int = 4
+    """Samples per micro-batch per data-parallel rank."""
+    global_batch_size: int = 16
+    """Samples per optimizer step over all data-parallel ranks (with gradient accumulation)."""
+    train_steps: Optional[int] = 100
+    """Optimizer steps; exactly one of train_steps and train_tokens is set."""
+    train_tokens: Optional[int] = None
+    """Train on this many tokens (steps = ceil(tokens / (global_batch_size * seq_length)))."""
+    eval_interval: int = 50
+    """Validate every this many steps (and at the end); 0 disables."""
+    eval_batches: int = 4
+    """Global batches per validation."""
+    seed: int = 1234
+    """Seed of the model initialisation (layout-invariant: same weights at any TP/PP)."""
+    precision: str = "auto"
+    """auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16 (mixed precision, fp32 master)."""
+    stop_after_steps: Optional[int] = None
+    """Stop (without a final checkpoint) once this step is done; for tests of resumption."""
+
+    def __post_init__(self):
+        _positive("train.micro_batch_size", self.micro_batch_size)
+        _positive("train.global_batch_size", self.global_batch_size)
+        if (self.train_steps is None) == (self.train_tokens is None):
+            _fail(
+                "train.train_steps",
+                self.train_steps,
+                f"set exactly one of train.train_steps and train.train_tokens "
+                f"(train_tokens={self.train_tokens!r})",
+            )
+        if self.train_steps is not None:
+            _positive("train.train_steps", self.train_steps)
+        if self.train_tokens is not None:
+            _positive("train.train_tokens", self.train_tokens)
+        if self.eval_interval < 0:
+            _fail("train.eval_interval", self.eval_interval, "must be >= 0")
+        _positive("train.eval_batches", self.eval_batches)
+        _choice("train.precision", self.precision, PRECISIONS)
+
+
+@dataclass
+class OptimizerConfig:
+    """megatron-core optimizer settings (the learning rate itself follows lr_schedule)."""
+
+    name: str = "adamw"
+    """adamw (decoupled weight decay), adam (L2 in the gradient) or sgd."""
+    weight_decay: float = 0.1
+    """Weight decay (not applied to norms and biases)."""
+    adam_beta1: float = 0.9
+    """Adam beta1."""
+    adam_beta2: float = 0.95
+    """Adam beta2."""
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+    clip_grad: float = 1.0
+    """Clip the global gradient norm to this (0 disables)."""
+
+    def __post_init__(self):
+        _choice("optimizer.name", self.name, ("adamw", "adam", "sgd"))
+        if self.weight_decay < 0:
+            _fail("optimizer.weight_decay", self.weight_decay, "must be >= 0")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                _fail(f"optimizer.{name}", getattr(self, name), "must be in [0, 1)")
+        if self.clip_grad < 0:
+            _fail("optimizer.clip_grad", self.clip_grad, "must be >= 0 (0 disables clipping)")
+
+
+@dataclass
+class ScheduleConfig:
+    """A scalar that follows the training step: learning rate, and later alpha and tau.
+
+    Phases: warmup (initial -> value), then by style: constant holds value; linear and cosine
+    go from value to final over the remaining steps; wsd holds value and decays to final over
+    the last decay_fraction of the run with decay_shape; periodic swings between value and
+    final with period_steps (a cosine wave starting at value).
+    """
+
+    style: str = "constant"
+    """constant, linear, cosine, wsd or periodic."""
+    value: float = 1.0
+    """Value after warmup (the peak learning rate; the held alpha)."""
+    final: float = 0.0
+    """Value at the end of the decay (linear/cosine/wsd) or the other end of a period."""
+    initial: float = 0.0
+    """Value at step 0, where the warmup starts."""
+    warmup_steps: Optional[int] = None
+    """Warmup length in steps (takes precedence over warmup_fraction)."""
+    warmup_fraction: float = 0.0
+    """Warmup length as a fraction of the run."""
+    decay_fraction: float = 0.1
+    """wsd: the last fraction of the run spent decaying."""
+    decay_shape: str = "linear"
+    """wsd decay shape: linear, cosine, sqrt (1 - sqrt, MiniCPM) or exponential."""
+    period_steps: int = 1000
+    """periodic: steps per full cycle."""
+
+    def validate(self, path: str) -> None:
+        _choice(f"{path}.style", self.style, SCHEDULE_STYLES)
+        _choice(f"{path}.decay_shape", self.decay_shape, DECAY_SHAPES)
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            _fail(f"{path}.warmup_steps", self.warmup_steps, "must be >= 0")
+        if not 0.0 <= self.warmup_fraction <= 1.0:
+            _fail(f"{path}.warmup_fraction", self.warmup_fraction, "must be in [0, 1]")
+        if not 0.0 <= self.decay_fraction <= 1.0:
+            _fail(f"{path}.decay_fraction", self.decay_fraction, "must be in [0, 1]")
+        if self.style == "wsd" and self.warmup_steps is None:
+            if self.warmup_fraction + self.decay_fraction > 1.0:
+                _fail(
+                    f"{path}.decay_fraction",
+                    self.decay_fraction,
+                    f"plus warmup_fraction={self.warmup_fraction} exceeds the whole run",
+                )
+        _positive(f"{path}.period_steps", self.period_steps)
+        if self.style == "wsd" and self.decay_shape == "exponential":
+            if self.final <= 0 or self.value <= 0:
+                _fail(f"{path}.final", self.final, "exponential decay needs value and final > 0")
+
+
+def _lr_schedule_default() -> ScheduleConfig:
+    return ScheduleConfig(style="cosine", value=3e-4, final=3e-5, warmup_fraction=0.01)
+
+
+@dataclass
+class CheckpointConfig:
+    """Checkpoint saving (megatron dist_checkpointing) and resumption."""
+
+    save_dir: Optional[str] = None
+    """Where checkpoints go; None means <run_dir>/checkpoints."""
+    save_interval: int = 0
+    """Save every this many steps (and at the end of the run); 0 saves only at the end."""
+    resume: bool = True
+    """Resume from the latest checkpoint in save_dir when there is one."""
+    load_dir: Optional[str] = None
+    """Resume from this directory's latest checkpoint instead of save_dir's."""
+    keep_last: int = 2
+    """Keep this many newest checkpoints (older ones are deleted after a good save); 0 keeps
+    all."""
+    async_save: bool = False
+    """Write checkpoints in the background; "latest" moves only when the write completed."""
+    final_save: bool = True
+    """Save at the end of training."""
+
+    def __post_init__(self):
+        if self.save_interval < 0:
+            _fail("checkpoint.save_interval", self.save_interval, "must be >= 0")
+        if self.keep_last < 0:
+            _fail("checkpoint.keep_last", self.keep_last, "must be >= 0")
+
+
+@dataclass
+class LoggingConfig:
+    """Console and TensorBoard output."""
+
+    log_interval: int = 1
+    """Print the progress line every this many steps."""
+    tensorboard: bool = True
+    """Write TensorBoard scalars to <run_dir>/tensorboard."""
+
+    def __post_init__(self):
+        _positive("logging.log_interval", self.log_interval)
+
+
+@dataclass
+class Config:
+    """A whole run. ``run_dir`` holds config.yaml, metrics, TensorBoard and checkpoints."""
+
+    run_dir: str = "runs/default"
+    """Output directory of the run."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    lr_schedule: ScheduleConfig = field(default_factory=_lr_schedule_default)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self):
+        self.lr_schedule.validate("lr_schedule")
+        model, parallel = self.model, self.parallel
+        if model.num_attention_heads % parallel.tp:
+            _fail(
+                "parallel.tp",
+                parallel.tp,
+                f"must divide model.num_attention_heads={model.num_attention_heads}",
+            )
+        if model.query_groups % parallel.tp:
+            _fail(
+                "parallel.tp",
+                parallel.tp,
+                f"must divide the key/value heads (model.num_query_groups={model.query_groups})",
+            )
+        if model.ffn_hidden_size % parallel.tp:
+            _fail(
+                "parallel.tp",
+                parallel.tp,
+                f"must divide model.ffn_hidden_size={model.ffn_hidden_size}",
+            )
+        if model.num_layers % parallel.pp:
+            _fail(
+                "parallel.pp",
+                parallel.pp,
+                f"must divide model.num_layers={model.num_layers}",
+            )
+        max_pos = model.max_position_embeddings
+        if max_pos is not None and max_pos < self.data.seq_length:
+            _fail(
+                "data.seq_length",
+                self.data.seq_length,
+                f"exceeds model.max_position_embeddings={max_pos}",
+            )
+        if self.train.global_batch_size % self.train.micro_batch_size:
+            _fail(
+                "train.global_batch_size",
+                self.train.global_batch_size,
+                f"must be a multiple of train.micro_batch_size={self.train.micro_batch_size}",
+            )
+
+    def validate_for_world(self, world_size: int) -> int:
+        """Checks that need the number of processes; returns the data-parallel size."""
+        model_parallel = self.parallel.tp * self.parallel.pp
+        if world_size % model_parallel:
+            _fail(
+                "parallel.tp",
+                self.parallel.tp,
+                f"tp*pp={model_parallel} must divide the world size {world_size}",
+            )
+        dp = world_size // model_parallel
+        per_step = self.train.micro_batch_size * dp
+        if self.train.global_batch_size % per_step:
+            _fail(
+                "train.global_batch_size",
+                self.train.global_batch_size,
+                f"must be a multiple of micro_batch_size*dp = {self.train.micro_batch_size}*{dp}",
+            )
+        return dp
+
+    def total_steps(self) -> int:
+        """Optimizer steps of the whole run."""
+        if self.train.train_steps is not None:
+            return self.train.train_steps
+        tokens_per_step = self.train.global_batch_size * self.data.seq_length
+        return math.ceil(self.train.train_tokens / tokens_per_step)
+

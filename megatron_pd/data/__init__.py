@@ -1,0 +1,1 @@
+"""Token data: tokenizer, corpus discovery, preprocessing to .bin/.idx, megatron datasets."""

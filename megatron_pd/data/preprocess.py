@@ -1,0 +1,189 @@
+"""Tokenize documents into megatron-core's indexed format (.bin tokens + .idx index).
+
+Documents: each line of a ``.jsonl``/``.json`` file (the ``json_key`` string), or each whole
+text file (source code, prose). Every document gets the tokenizer's end-of-document id
+appended. Tokenization runs in a process pool; results are written in input order, so the
+output is identical for any number of workers. Files are written under temporary names and
+renamed when complete: an interrupted run leaves no half-written prefix behind.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy
+
+_worker_tokenizer = None
+
+
+@dataclass
+class PreprocessStats:
+    documents: int
+    tokens: int
+    seconds: float
+    skipped: int
+
+
+def _iter_documents(paths: list, json_key: str) -> Iterator[str]:
+    for path in paths:
+        if path.endswith((".jsonl", ".json")):
+            with open(path, encoding="utf-8", errors="replace") as f:
+                for number, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line)
+                        text = record[json_key]
+                    except (ValueError, KeyError, TypeError):
+                        raise ValueError(
+                            f"{path}:{number}: expected a JSON object with a {json_key!r} field"
+                        ) from None
+                    if not isinstance(text, str):
+                        raise ValueError(f"{path}:{number}: field {json_key!r} is not a string")
+                    yield text
+        else:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                yield f.read()
+
+
+def count_documents(paths: list) -> int:
+    """Documents in the inputs (jsonl lines that are not blank; one per other file)."""
+    total = 0
+    for path in paths:
+        if path.endswith((".jsonl", ".json")):
+            with open(path, "rb") as f:
+                total += sum(1 for line in f if line.strip())
+        else:
+            total += 1
+    return total
+
+
+def _init_worker(model_path: str) -> None:
+    global _worker_tokenizer
+    from megatron_pd.data.tokenizer import Tokenizer
+
+    _worker_tokenizer = Tokenizer(model_path)
+
+
+def _encode(text: str) -> list:
+    ids = _worker_tokenizer.tokenize(text)
+    ids.append(_worker_tokenizer.eod)
+    return ids
+
+
+class _Progress:
+    """One carriage-return line on stderr: docs, docs/s, tokens/s, ETA."""
+
+    def __init__(self, total: int, label: str, stream=sys.stderr, every_s: float = 0.5):
+        self.total, self.label, self.stream, self.every_s = total, label, stream, every_s
+        self.start = self.last = time.monotonic()
+
+    def update(self, docs: int, tokens: int, final: bool = False) -> None:
+        now = time.monotonic()
+        if not final and now - self.last < self.every_s:
+            return
+        self.last = now
+        elapsed = max(now - self.start, 1e-9)
+        rate = docs / elapsed
+        eta = (self.total - docs) / rate if rate > 0 else float("inf")
+        eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta != float("inf") else "?"
+        pct = 100.0 * docs / max(self.total, 1)
+        self.stream.write(
+            f"\r[{self.label}] {docs}/{self.total} docs ({pct:5.1f}%) "
+            f"{rate:,.0f} docs/s {tokens / elapsed:,.0f} tokens/s ETA {eta_text}"
+            + ("\n" if final else "")
+        )
+        self.stream.flush()
+
+
+def _write_meta(prefix: str, tokenizer, documents: int, tokens: int, num_inputs: int) -> None:
+    from megatron_pd.data.datasets import meta_path
+
+    meta = {
+        "tokenizer_model": tokenizer.model_path,
+        "tokenizer_fingerprint": tokenizer.fingerprint,
+        "vocab_size": tokenizer.vocab_size,
+        "eod": tokenizer.eod,
+        "documents": documents,
+        "tokens": tokens,
+        "input_files": num_inputs,
+    }
+    tmp = meta_path(prefix) + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(meta, f, indent=1)
+    os.replace(tmp, meta_path(prefix))
+
+
+def preprocess(
+    input_paths: list,
+    output_prefix: str,
+    tokenizer_model: str,
+    json_key: str = "text",
+    workers: int = 1,
+    chunksize: int = 16,
+    progress: bool = True,
+) -> PreprocessStats:
+    """Tokenize ``input_paths`` into ``<output_prefix>.bin/.idx``; returns counts and time."""
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+    from megatron_pd.data.tokenizer import Tokenizer
+
+    if workers < 1:
+        raise ValueError(f"workers={workers}: must be >= 1")
+    tokenizer = Tokenizer(tokenizer_model)
+    dtype = DType.optimal_dtype(tokenizer.vocab_size)
+    out_dir = os.path.dirname(os.path.abspath(output_prefix))
+    os.makedirs(out_dir, exist_ok=True)
+    bin_tmp, idx_tmp = output_prefix + ".bin.tmp", output_prefix + ".idx.tmp"
+    total = count_documents(input_paths)
+    meter = _Progress(total, "preprocess") if progress else None
+    documents = tokens = skipped = 0
+    start = time.monotonic()
+    builder = IndexedDatasetBuilder(bin_tmp, dtype=dtype)
+    try:
+        texts = _iter_documents(input_paths, json_key)
+        if workers == 1:
+            _init_worker(tokenizer.model_path)
+            encoded = map(_encode, texts)
+            pool = None
+        else:
+            ctx = multiprocessing.get_context("spawn")
+            pool = ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer.model_path,))
+            encoded = pool.imap(_encode, texts, chunksize=chunksize)
+        try:
+            for ids in encoded:
+                if len(ids) <= 1:  # an empty document is only its EOD
+                    skipped += 1
+                    continue
+                builder.add_document(numpy.asarray(ids, dtype=dtype), [len(ids)])
+                documents += 1
+                tokens += len(ids)
+                if meter:
+                    meter.update(documents + skipped, tokens)
+        finally:
+            if pool is not None:
+                pool.close()
+                pool.join()
+        builder.finalize(idx_tmp)
+    except BaseException:
+        builder.data_file.close()
+        for path in (bin_tmp, idx_tmp):
+            if os.path.exists(path):
+                os.remove(path)
+        raise
+    if documents == 0:
+        os.remove(bin_tmp)
+        os.remove(idx_tmp)
+        raise ValueError(f"no non-empty documents in {len(input_paths)} input file(s)")
+    os.replace(bin_tmp, output_prefix + ".bin")
+    os.replace(idx_tmp, output_prefix + ".idx")
+    _write_meta(output_prefix, tokenizer, documents, tokens, len(input_paths))
+    if meter:
+        meter.update(documents + skipped, tokens, final=True)
+    return PreprocessStats(documents, tokens, time.monotonic() - start, skipped)

@@ -1,0 +1,1 @@
+"""Training: the step (train_module), the loop (trainer), schedules, metrics, FLOPs."""

@@ -1,0 +1,252 @@
+"""The student's training step: model + megatron DDP + optimizer + forward/backward schedule.
+
+A TrainModule owns everything that one optimizer step touches; the Trainer (trainer.py) owns
+the loop (data, schedules, evaluation, checkpoints, logging). The step runs megatron-core's
+forward/backward function (1F1B when pp > 1) over this rank's micro-batches; losses are
+returned as (sum over tokens, token count) so gradients and reported losses are exact token
+means over the whole global batch, whatever the micro-batching, masking and DP size.
+
+Shape legend: B micro-batch, S sequence, N = B*S tokens, v this rank's vocab shard.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron_pd.config.schema import Config
+from megatron_pd.loss.lm import vocab_parallel_cross_entropy
+from megatron_pd.models.gpt import (
+    VocabInfo,
+    build_gpt_model,
+    causal_attention_mask,
+    padded_vocab_size,
+    seed_rngs,
+)
+
+
+def resolve_precision(name: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+@dataclass
+class StepResult:
+    """Global (all-rank) results of one step; identical on every rank."""
+
+    loss: float
+    tokens: int
+    grad_norm: float | None
+    skipped: bool
+    extras: dict
+
+
+class TrainModule:
+    """Builds the student on this rank and runs training/evaluation steps."""
+
+    def __init__(self, cfg: Config, groups, true_vocab_size: int, dp_size: int):
+        from megatron.core.distributed import (
+            DistributedDataParallel,
+            DistributedDataParallelConfig,
+            finalize_model_grads,
+        )
+        from megatron.core.optimizer import (
+            OptimizerConfig,
+            get_megatron_optimizer,
+            get_standard_config_overrides,
+        )
+
+        self.cfg = cfg
+        self.groups = groups
+        self.dp_size = dp_size
+        self.tp_size = dist.get_world_size(groups.tp)
+        self.pp_size = dist.get_world_size(groups.pp)
+        self.pp_rank = dist.get_rank(groups.pp)
+        self.is_last_stage = self.pp_rank == self.pp_size - 1
+        self.params_dtype = resolve_precision(cfg.train.precision)
+        self.device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if torch.cuda.is_available()
+            else torch.device("cpu")
+        )
+        self.vocab = VocabInfo(
+            true_size=true_vocab_size,
+            padded_size=padded_vocab_size(
+                true_vocab_size, cfg.model.make_vocab_size_divisible_by, self.tp_size
+            ),
+            tp_size=self.tp_size,
+            tp_rank=dist.get_rank(groups.tp),
+        )
+        seed_rngs(cfg.train.seed, self.vocab.tp_rank)
+        max_positions = cfg.model.max_position_embeddings or cfg.data.seq_length
+        gpt = build_gpt_model(
+            cfg.model,
+            self.vocab,
+            groups,
+            self.params_dtype,
+            seed=cfg.train.seed,
+            max_sequence_length=max_positions,
+            sequence_parallel=cfg.parallel.sequence_parallel,
+        )
+        self.model_config = gpt.config
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
+            use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+        )
+        self.model = DistributedDataParallel(
+            self.model_config, ddp_config, gpt, pg_collection=groups
+        )
+        opt = cfg.optimizer
+        optimizer_config = OptimizerConfig(
+            optimizer="sgd" if opt.name == "sgd" else "adam",
+            lr=cfg.lr_schedule.value,
+            min_lr=cfg.lr_schedule.final,
+            weight_decay=opt.weight_decay,
+            adam_beta1=opt.adam_beta1,
+            adam_beta2=opt.adam_beta2,
+            adam_eps=opt.adam_eps,
+            clip_grad=opt.clip_grad,
+            decoupled_weight_decay=opt.name != "adam",
+            bf16=self.params_dtype == torch.bfloat16,
+            fp16=self.params_dtype == torch.float16,
+            params_dtype=self.params_dtype,
+            use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+            initial_loss_scale=2.0**16 if self.params_dtype == torch.float16 else None,
+        )
+        self.optimizer = get_megatron_optimizer(
+            optimizer_config,
+            [self.model],
+            config_overrides=get_standard_config_overrides(optimizer_config),
+        )
+        self.model_config.finalize_model_grads_func = functools.partial(
+            finalize_model_grads, pg_collection=groups
+        )
+        self.model_config.grad_scale_func = self.optimizer.scale_loss
+        self.model_config.no_sync_func = self.model.no_sync
+        self._attention_mask = causal_attention_mask(cfg.data.seq_length, self.device)
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        self._forward_backward = get_forward_backward_func(pp_size=self.pp_size)
+        self._report_names = None
+
+    # ----------------------------------------------------------------- the loss
+    def loss_terms(self, logits_BSv: torch.Tensor, batch: dict) -> dict:
+        """Per-token loss terms of one micro-batch: {"loss": [N] with grad, others detached}.
+
+        The LM module has one term; the distillation module overrides this.
+        """
+        labels_N = batch["labels"].reshape(-1)
+        ce_N = vocab_parallel_cross_entropy(
+            logits_BSv.reshape(-1, logits_BSv.shape[-1]), labels_N, self.vocab, self.groups.tp
+        )
+        return {"loss": ce_N, "lm_loss": ce_N.detach()}
+
+    def _loss_func(self, batch: dict, logits_BSv: torch.Tensor):
+        terms = self.loss_terms(logits_BSv, batch)
+        mask_N = batch["loss_mask"].reshape(-1).float()
+        loss_sum = (terms["loss"] * mask_N).sum()
+        num_tokens = mask_N.sum().to(torch.int)
+        report = {name: (value * mask_N).sum().detach() for name, value in terms.items()}
+        report["tokens"] = mask_N.sum().detach()
+        return loss_sum, num_tokens, report
+
+    def _to_device(self, batch: dict) -> dict:
+        if self.device.type == "cpu":
+            return batch
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def _forward_step(self, data_iterator, model):
+        batch = self._to_device(next(data_iterator))
+        logits_BSv = model(
+            batch["tokens"], batch["position_ids"], self._attention_mask
+        )
+        return logits_BSv, functools.partial(self._loss_func, batch)
+
+    # ----------------------------------------------------------------- steps
+    def _run_schedule(self, microbatches: list, forward_only: bool) -> list:
+        return self._forward_backward(
+            forward_step_func=self._forward_step,
+            data_iterator=iter(microbatches),
+            model=[self.model],
+            num_microbatches=len(microbatches),
+            seq_length=self.cfg.data.seq_length,
+            micro_batch_size=self.cfg.train.micro_batch_size,
+            forward_only=forward_only,
+        )
+
+    def _reduce_reports(self, reports: list) -> dict:
+        """Sum the micro-batch reports of the last stage over DP and make them global."""
+        if self._report_names is None:
+            names = sorted(reports[0]) if reports else []
+            self._report_names = _broadcast_names(names, self.groups.pp, self.pp_size)
+        names = self._report_names
+        if reports:
+            totals = torch.stack(
+                [torch.stack([r[n].float() for n in names]) for r in reports]
+            ).sum(0).double()
+        else:
+            totals = torch.zeros(len(names), dtype=torch.float64, device=self.device)
+        totals = totals.to(self.device)
+        if self.is_last_stage:
+            dist.all_reduce(totals, group=self.groups.dp)
+        else:
+            totals.zero_()
+        if self.pp_size > 1:
+            dist.all_reduce(totals, group=self.groups.pp)
+        return dict(zip(names, totals.tolist()))
+
+    def train_step(self, microbatches: list, lr: float) -> StepResult:
+        """One optimizer step over this rank's micro-batches at learning rate ``lr``."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_mult", 1.0)
+            group["weight_decay"] = self.cfg.optimizer.weight_decay * group.get("wd_mult", 1.0)
+        self.model.train()
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        reports = self._run_schedule(microbatches, forward_only=False)
+        updated, grad_norm, _ = self.optimizer.step()
+        totals = self._reduce_reports(reports)
+        return _result(totals, grad_norm, skipped=not updated)
+
+    @torch.no_grad()
+    def eval_step(self, microbatches: list) -> StepResult:
+        """Forward-only pass; losses are token means over the global batch."""
+        self.model.eval()
+        reports = self._run_schedule(microbatches, forward_only=True)
+        self.model.train()
+        return _result(self._reduce_reports(reports), None, skipped=False)
+
+    def num_parameters(self) -> int:
+        """Parameters of the whole model (summed over TP and PP shards, not DP replicas)."""
+        local = sum(p.numel() for p in self.model.parameters())
+        total = torch.tensor([float(local)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(total, group=self.groups.mp)
+        return int(total.item())
+
+
+def _broadcast_names(names: list, pp_group, pp_size: int) -> list:
+    """The report names known on the last stage, on every stage of the pipeline."""
+    if pp_size == 1:
+        return names
+    objects = [None] * pp_size
+    dist.all_gather_object(objects, names, group=pp_group)
+    return objects[-1]
+
+
+def _result(totals: dict, grad_norm, skipped: bool) -> StepResult:
+    tokens = totals.get("tokens", 0.0)
+    denominator = max(tokens, 1.0)
+    means = {k: v / denominator for k, v in totals.items() if k != "tokens"}
+    loss = means.pop("loss", float("nan"))
+    return StepResult(
+        loss=loss,
+        tokens=int(tokens),
+        grad_norm=None if grad_norm is None else float(grad_norm),
+        skipped=skipped,
+        extras=means,
+    )

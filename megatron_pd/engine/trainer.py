@@ -1,0 +1,200 @@
+"""The training loop: data per step, schedules, evaluation, checkpoints, metrics, stopping.
+
+The loop is resumable to the bit on CPU: the data position is ``consumed_samples`` (restored
+from the checkpoint), schedules are pure functions of the step, and model, optimizer and RNG
+states come back from the checkpoint. SIGTERM/SIGUSR1 (SLURM pre-emption) make every rank save
+a checkpoint at the end of the current step and exit cleanly.
+"""
+
+from __future__ import annotations
+
+import resource
+import signal
+import time
+
+import torch
+import torch.distributed as dist
+
+from megatron_pd.data.datasets import GlobalBatchSampler, microbatches
+from megatron_pd.engine.flops import peak_tflops, train_flops_per_token
+from megatron_pd.engine.metrics import MetricsLogger, Stopwatch
+from megatron_pd.engine.schedules import schedule_value
+
+
+def memory_gb(device: torch.device) -> dict:
+    """Allocator peak on GPU; process peak RSS on CPU."""
+    if device.type == "cuda":
+        return {
+            "mem_allocated_gb": torch.cuda.memory_allocated(device) / 2**30,
+            "mem_peak_gb": torch.cuda.max_memory_allocated(device) / 2**30,
+        }
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"mem_peak_rss_gb": peak_kb / 2**20}
+
+
+class _StopRequest:
+    """Remembers a pre-emption signal; every rank agrees on it at step boundaries."""
+
+    def __init__(self):
+        self.flag = False
+        self._previous = {}
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+
+    def _handle(self, signum, frame):
+        self.flag = True
+
+    def agreed(self, device) -> bool:
+        flag = torch.tensor([1.0 if self.flag else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class Trainer:
+    """Runs ``module`` (a TrainModule) over the train split for the configured steps."""
+
+    def __init__(self, cfg, module, splits, checkpoints, run_dir: str, dp_rank: int):
+        self.cfg = cfg
+        self.module = module
+        self.splits = splits
+        self.checkpoints = checkpoints
+        self.run_dir = run_dir
+        self.total_steps = cfg.total_steps()
+        self.sampler = GlobalBatchSampler(
+            cfg.train.global_batch_size,
+            cfg.train.micro_batch_size,
+            module.dp_size,
+            dp_rank,
+        )
+        self.step = 0
+        self.consumed_samples = 0
+        self.is_logging_rank = dist.get_rank() == 0
+        flops = train_flops_per_token(cfg.model, module.vocab.padded_size, cfg.data.seq_length)
+        self.flops_per_token = flops
+        self.peak_tflops, self.peak_source = peak_tflops(module.device, module.params_dtype)
+
+    # ------------------------------------------------------------------ state
+    def trainer_state(self) -> dict:
+        return {
+            "step": self.step,
+            "consumed_samples": self.consumed_samples,
+            "global_batch_size": self.cfg.train.global_batch_size,
+            "seq_length": self.cfg.data.seq_length,
+            "data_seed": self.cfg.data.seed,
+        }
+
+    def restore(self, state: dict) -> None:
+        for key in ("seq_length", "data_seed"):
+            expected = self.trainer_state()[key]
+            if key in state and state[key] != expected:
+                raise ValueError(
+                    f"checkpoint was trained with {key}={state[key]}, this run has {expected}: "
+                    "the sample order would not continue"
+                )
+        self.step = int(state.get("step", 0))
+        self.consumed_samples = int(state.get("consumed_samples", 0))
+
+    # ------------------------------------------------------------------ loop
+    def _batches(self, dataset, consumed_samples: int) -> list:
+        return microbatches(dataset, self.sampler, consumed_samples)
+
+    def train_values(self, result, lr: float, seconds: float) -> dict:
+        """What one train step logs (extended by the distillation trainer)."""
+        tokens = self.cfg.train.global_batch_size * self.cfg.data.seq_length
+        world = dist.get_world_size()
+        achieved = self.flops_per_token * tokens / seconds / 1e12 / world
+        values = {
+            "loss": result.loss,
+            **result.extras,
+            "lr": lr,
+            "grad_norm": result.grad_norm,
+            "tokens_per_s": tokens / seconds,
+            "samples_per_s": self.cfg.train.global_batch_size / seconds,
+            "step_time_s": seconds,
+            "tflops_per_device": achieved,
+            "mfu": achieved / self.peak_tflops if self.peak_tflops else None,
+            "skipped": int(result.skipped),
+            **memory_gb(self.module.device),
+        }
+        return values
+
+    def evaluate(self, logger: MetricsLogger) -> dict:
+        totals, tokens = {}, 0
+        gbs = self.cfg.train.global_batch_size
+        for index in range(self.cfg.train.eval_batches):
+            result = self.module.eval_step(self._batches(self.splits.valid, index * gbs))
+            for name, value in {"loss": result.loss, **result.extras}.items():
+                totals[name] = totals.get(name, 0.0) + value * result.tokens
+            tokens += result.tokens
+        values = {name: value / max(tokens, 1) for name, value in totals.items()}
+        logger.log_eval(self.step, "valid", values)
+        return values
+
+    def fit(self) -> dict:
+        """Train to the end (or to ``train.stop_after_steps``); returns the last values."""
+        cfg = self.cfg
+        logger = MetricsLogger(
+            self.run_dir,
+            enabled=self.is_logging_rank,
+            total_steps=self.total_steps,
+            log_interval=cfg.logging.log_interval,
+            tensorboard=cfg.logging.tensorboard,
+            resume_step=self.step,
+        )
+        logger.text(
+            f"training {self.total_steps} steps from step {self.step}: "
+            f"{self.module.num_parameters():,} parameters, peak {self.peak_tflops or 0:.2f} "
+            f"TFLOP/s per device ({self.peak_source})"
+        )
+        stop = _StopRequest()
+        last = {}
+        interrupted = False
+        try:
+            while self.step < self.total_steps:
+                batches = self._batches(self.splits.train, self.consumed_samples)
+                lr = schedule_value(cfg.lr_schedule, self.step, self.total_steps)
+                with Stopwatch() as watch:
+                    result = self.module.train_step(batches, lr)
+                self.step += 1
+                self.consumed_samples += cfg.train.global_batch_size
+                last = self.train_values(result, lr, watch.seconds)
+                logger.log_train(self.step, last, watch.seconds)
+                self.checkpoints.poll()
+                interval = cfg.train.eval_interval
+                if interval and self.step % interval == 0 and self.step < self.total_steps:
+                    self.evaluate(logger)
+                save_every = cfg.checkpoint.save_interval
+                if save_every and self.step % save_every == 0 and self.step < self.total_steps:
+                    self.save(logger)
+                if cfg.train.stop_after_steps and self.step >= cfg.train.stop_after_steps:
+                    interrupted = True
+                    logger.text(f"stopping after step {self.step} (train.stop_after_steps)")
+                    break
+                if stop.agreed(self.module.device):
+                    interrupted = True
+                    logger.text(f"pre-emption signal: saving at step {self.step} and exiting")
+                    self.save(logger)
+                    break
+            if not interrupted:
+                if cfg.train.eval_interval:
+                    last.update({f"valid_{k}": v for k, v in self.evaluate(logger).items()})
+                if cfg.checkpoint.final_save:
+                    self.save(logger)
+        finally:
+            self.checkpoints.close()
+            stop.restore()
+            logger.close()
+        return last
+
+    def save(self, logger: MetricsLogger) -> None:
+        start = time.perf_counter()
+        path = self.checkpoints.save(self.module, self.step, self.trainer_state())
+        kind = "scheduled (async)" if self.checkpoints.async_save else "saved"
+        logger.text(f"checkpoint {kind}: {path} in {time.perf_counter() - start:.1f}s")

@@ -1,0 +1,1 @@
+"""Losses over vocab-parallel logits: LM cross-entropy and the fused distillation losses."""

@@ -1,0 +1,1 @@
+"""megatron-core GPT models from our config: building, initialisation, checkpoints."""

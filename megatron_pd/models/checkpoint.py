@@ -1,0 +1,272 @@
+"""Checkpoints with megatron dist_checkpointing: atomic directories and a "latest" pointer.
+
+Layout under a checkpoint root:
+
+    iter_0000200/        a complete dist_checkpointing directory (model, optimizer, rng,
+                         trainer state) - written as .iter_0000200.tmp/ and renamed when done
+    latest               text file with the name of the newest complete directory, replaced
+                         atomically after the rename (write temporary, fsync, rename)
+
+A crash at any point leaves the previous "latest" checkpoint intact: an unfinished save only
+leaves a ``.tmp`` directory, which the next save removes. With ``async_save`` the rename and
+the pointer update run in the finalisation callback, after every rank's write completed.
+
+The optimizer state uses the ``dp_reshardable`` format (DistributedOptimizer), which resumes on
+the same TP/PP with any DP size; model weights reshard to any TP/PP.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import torch
+import torch.distributed as dist
+
+LATEST = "latest"
+_PREFIX = "iter_"
+
+SHARDED_METADATA = {
+    "distrib_optim_sharding_type": "dp_reshardable",
+    "singleton_local_shards": False,
+    "chained_optim_avoid_prefix": True,
+}
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{_PREFIX}{step:07d}"
+
+
+def latest_checkpoint(root: str) -> str | None:
+    """Path of the newest complete checkpoint under ``root`` (None when there is none).
+
+    Trusts the "latest" pointer, and checks the directory it names is complete (megatron
+    writes metadata.json last). ValueError when the pointer names a missing directory.
+    """
+    pointer = os.path.join(root, LATEST)
+    if not os.path.isfile(pointer):
+        return None
+    with open(pointer) as f:
+        name = f.read().strip()
+    path = os.path.join(root, name)
+    if not os.path.isfile(os.path.join(path, "metadata.json")):
+        raise ValueError(f"{pointer} names {name}, which is missing or incomplete")
+    return path
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(path))
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _rng_state_object(tp_rank: int, pp_rank: int, tp_size: int, pp_size: int, dp_rank: int):
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    state = {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": get_cuda_rng_tracker().get_states(),
+    }
+    return ShardedObject(
+        "rng_state", state, (pp_size, tp_size), (pp_rank, tp_rank), replica_id=dp_rank
+    )
+
+
+def sharded_state(module, groups, is_loading: bool, trainer_state: dict | None = None) -> dict:
+    """The dist_checkpointing state of a TrainModule: model, optimizer, rng, trainer state."""
+    tp_rank, tp_size = dist.get_rank(groups.tp), dist.get_world_size(groups.tp)
+    pp_rank, pp_size = dist.get_rank(groups.pp), dist.get_world_size(groups.pp)
+    dp_rank = dist.get_rank(groups.dp)
+    model_state = _unwrap(module.model).sharded_state_dict(metadata=SHARDED_METADATA)
+    state = {
+        "model": model_state,
+        "optimizer": module.optimizer.sharded_state_dict(
+            model_state, is_loading=is_loading, metadata=SHARDED_METADATA
+        ),
+        "rng_state": _rng_state_object(tp_rank, pp_rank, tp_size, pp_size, dp_rank),
+    }
+    if trainer_state is not None:
+        state["trainer"] = trainer_state
+    return state
+
+
+class CheckpointManager:
+    """Saves and restores a TrainModule's state under ``root``; collective over the world."""
+
+    def __init__(self, root: str, keep_last: int = 2, async_save: bool = False):
+        self.root = root
+        self.keep_last = keep_last
+        self.async_save = async_save
+        self._queue = None
+        if async_save:
+            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+            self._queue = AsyncCallsQueue()
+
+    def save(self, module, step: int, trainer_state: dict) -> str:
+        """Write checkpoint ``step``; returns its final path (complete once finalised)."""
+        from megatron.core import dist_checkpointing
+
+        rank = dist.get_rank()
+        final = os.path.join(self.root, checkpoint_name(step))
+        tmp = os.path.join(self.root, "." + checkpoint_name(step) + ".tmp")
+        self.wait()  # one save in flight at a time
+        if rank == 0:
+            os.makedirs(self.root, exist_ok=True)
+            if os.path.exists(tmp):
+                shutil.rmtree(tmp)
+            os.makedirs(tmp)
+        dist.barrier()
+        state = sharded_state(module, module.groups, is_loading=False, trainer_state=trainer_state)
+        request = dist_checkpointing.save(
+            state, tmp, async_sharded_save=self.async_save, validate_access_integrity=True
+        )
+        if self.async_save:
+            request.add_finalize_fn(lambda: self._publish(tmp, final))
+            self._queue.schedule_async_request(request)
+        else:
+            dist.barrier()
+            self._publish(tmp, final)
+        return final
+
+    def _publish(self, tmp: str, final: str) -> None:
+        """Rank 0 renames the finished directory and moves "latest"; then old ones are pruned."""
+        if dist.get_rank() == 0:
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(self.root)
+            _write_atomic(os.path.join(self.root, LATEST), os.path.basename(final) + "\n")
+            self._prune(os.path.basename(final))
+        dist.barrier()
+
+    def _prune(self, newest: str) -> None:
+        if self.keep_last <= 0:
+            return
+        names = sorted(
+            n for n in os.listdir(self.root)
+            if n.startswith(_PREFIX) and os.path.isdir(os.path.join(self.root, n))
+        )
+        for name in names[: max(0, len(names) - self.keep_last)]:
+            if name != newest:
+                shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
+
+    def poll(self) -> None:
+        """Finalise background saves that completed (call once per step)."""
+        if self._queue is not None:
+            self._queue.maybe_finalize_async_calls(blocking=False)
+
+    def wait(self) -> None:
+        """Block until every background save is finalised."""
+        if self._queue is not None:
+            self._queue.maybe_finalize_async_calls(blocking=True)
+
+    def close(self) -> None:
+        self.wait()
+        if self._queue is not None:
+            self._queue.close()
+
+
+def load_checkpoint(module, path: str, load_optimizer: bool = True) -> dict:
+    """Restore model (and optimizer, RNG) of ``module`` from ``path``; returns trainer state."""
+    from megatron.core import dist_checkpointing
+
+    with torch.no_grad():  # fp32 parameters are written in place
+        if load_optimizer:
+            _materialize_optimizer_state(module.optimizer)
+        state = sharded_state(module, module.groups, is_loading=True, trainer_state=None)
+        if not load_optimizer:
+            state.pop("optimizer")
+        loaded = dist_checkpointing.load(state, path)
+        _unwrap(module.model).load_state_dict(loaded["model"], strict=True)
+        if load_optimizer:
+            module.optimizer.load_state_dict(loaded["optimizer"])
+            _restore_adam_steps(module.optimizer, _saved_adam_step(loaded["optimizer"]))
+    _restore_rng(loaded.get("rng_state"))
+    return loaded.get("trainer", {})
+
+
+def _unwrap(model):
+    """The GPTModel inside megatron's DDP wrapper (checkpoint keys carry no wrapper prefix)."""
+    return getattr(model, "module", model)
+
+
+def _torch_optimizers(optimizer) -> list:
+    """The torch optimizers inside a megatron (possibly chained) optimizer."""
+    chained = getattr(optimizer, "chained_optimizers", [optimizer])
+    return [opt.optimizer for opt in chained if getattr(opt, "optimizer", None) is not None]
+
+
+def _materialize_optimizer_state(optimizer) -> None:
+    """Create zero optimizer state for every parameter before a checkpoint is loaded into it.
+
+    torch creates Adam state lazily at the first step, but megatron's loaders expect it to
+    exist (without apex/TE they read one ``step`` per parameter). Each parameter gets its own
+    ``step`` tensor.
+    """
+    for inner in _torch_optimizers(optimizer):
+        for group in inner.param_groups:
+            for param in group["params"]:
+                state = inner.state[param]
+                if state:
+                    continue
+                if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(
+                        param, memory_format=torch.preserve_format
+                    )
+                elif isinstance(inner, torch.optim.SGD) and group.get("momentum", 0):
+                    state["momentum_buffer"] = torch.zeros_like(param)
+
+
+def _saved_adam_step(optimizer_state) -> float | None:
+    """The Adam step count recorded in a loaded megatron optimizer state (None if absent).
+
+    Without apex/TE the DistributedOptimizer records it once, in its param_groups.
+    """
+    groups = (optimizer_state.get("optimizer") or {}).get("param_groups", [])
+    steps = {group["step"] for group in groups if "step" in group}
+    if len(steps) > 1:
+        raise ValueError(f"checkpoint optimizer has inconsistent Adam steps {sorted(steps)}")
+    return steps.pop() if steps else None
+
+
+def _restore_adam_steps(optimizer, step: float | None) -> None:
+    """Give every parameter its own, correct Adam ``step`` tensor after loading.
+
+    megatron's DistributedOptimizer loader assigns one shared step tensor to all parameters
+    (torch's Adam would then increment it once per parameter per step) and afterwards copies
+    the pre-load placeholder value into it; both would corrupt Adam's bias correction.
+    """
+    for inner in _torch_optimizers(optimizer):
+        for param_state in inner.state.values():
+            current = param_state.get("step")
+            if isinstance(current, torch.Tensor):
+                value = current if step is None else torch.tensor(float(step))
+                param_state["step"] = value.detach().clone().to(torch.float32)
+
+
+def _restore_rng(state) -> None:
+    if not state:
+        return
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    get_cuda_rng_tracker().set_states(state["tracker"])

@@ -1,0 +1,1 @@
+"""Parallel layouts: process groups (topology) and vocabulary partition math."""

@@ -1,0 +1,188 @@
+"""Pre-train (or distill) a student GPT with megatron-core: the command-line entry point.
+
+    torchrun --nproc_per_node=2 -m megatron_pd.train --config examples/configs/tiny_lm.yaml \
+        --parallel.tp=2 --run_dir=runs/tiny_tp2
+    python -m megatron_pd.train --config CFG --dry-run --world-size 64   # no GPU needed
+    python -m megatron_pd.train --help-config                            # every field
+
+Any config field can be overridden as ``--section.field=value``. The resolved config is written
+to ``<run_dir>/config.yaml``; ``--config <run_dir>/config.yaml`` reruns the run exactly (and
+resumes it from its latest checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from megatron_pd.config.loader import describe_fields, load_config, save_config
+
+
+def _absolute_paths(cfg) -> None:
+    """Make every path of the config absolute, so the saved config reruns from anywhere."""
+
+    def absolute(path):
+        return os.path.abspath(path) if path else path
+
+    cfg.run_dir = absolute(cfg.run_dir)
+    cfg.data.tokenizer_model = absolute(cfg.data.tokenizer_model)
+    cfg.data.cache_dir = absolute(cfg.data.cache_dir)
+    cfg.data.blend = [
+        item if _is_number(item) else os.path.abspath(item) for item in cfg.data.blend
+    ]
+    cfg.checkpoint.save_dir = absolute(cfg.checkpoint.save_dir)
+    cfg.checkpoint.load_dir = absolute(cfg.checkpoint.load_dir)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def resolve_vocab_size(cfg, tokenizer) -> int:
+    """True vocabulary size of the run; ValueError if the model cannot hold the tokenizer's."""
+    if cfg.model.vocab_size is None:
+        return tokenizer.vocab_size
+    if cfg.model.vocab_size < tokenizer.vocab_size:
+        raise ValueError(
+            f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+            f"{tokenizer.vocab_size} tokens (data.tokenizer_model={tokenizer.model_path})"
+        )
+    return cfg.model.vocab_size
+
+
+def load_tokenizer(cfg):
+    from megatron_pd.data.tokenizer import Tokenizer
+
+    if not cfg.data.tokenizer_model:
+        raise ValueError("data.tokenizer_model is not set")
+    return Tokenizer(cfg.data.tokenizer_model)
+
+
+def dry_run(cfg, world_size: int) -> int:
+    """Validate config, topology and data files without starting any process group."""
+    from megatron_pd.data.datasets import check_data
+    from megatron_pd.engine.flops import train_flops_per_token
+    from megatron_pd.models.gpt import count_parameters, padded_vocab_size
+    from megatron_pd.parallel.topology import Layout, describe_layout
+
+    dp = cfg.validate_for_world(world_size)
+    print(describe_layout(Layout(world_size, cfg.parallel.tp, cfg.parallel.pp), "student"))
+    vocab = cfg.model.vocab_size
+    if cfg.data.tokenizer_model and os.path.exists(cfg.data.tokenizer_model):
+        tokenizer = load_tokenizer(cfg)
+        vocab = resolve_vocab_size(cfg, tokenizer)
+        if cfg.data.blend:
+            infos = check_data(cfg.data.blend, tokenizer)
+            for info in infos:
+                print(f"data {info.prefix}: {info.documents} documents, {info.tokens:,} tokens")
+    elif cfg.data.tokenizer_model:
+        raise ValueError(f"data.tokenizer_model {cfg.data.tokenizer_model} does not exist")
+    if vocab:
+        padded = padded_vocab_size(vocab, cfg.model.make_vocab_size_divisible_by, cfg.parallel.tp)
+        counts = count_parameters(cfg.model, padded)
+        flops = train_flops_per_token(cfg.model, padded, cfg.data.seq_length)
+        print(
+            f"model: {counts['total'] / 1e6:,.1f}M parameters "
+            f"({counts['non_embedding'] / 1e6:,.1f}M non-embedding), vocab {vocab} padded to "
+            f"{padded}, {flops / 1e9:,.2f} GFLOP per trained token"
+        )
+    steps = cfg.total_steps()
+    tokens = steps * cfg.train.global_batch_size * cfg.data.seq_length
+    accumulation = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp)
+    print(
+        f"train: {steps} steps x {cfg.train.global_batch_size} samples x {cfg.data.seq_length} "
+        f"tokens = {tokens:,} tokens; {accumulation} micro-batches of "
+        f"{cfg.train.micro_batch_size} per rank per step"
+    )
+    print("dry run OK")
+    return 0
+
+
+def run(cfg) -> dict:
+    """Run training in this process (one rank of a torchrun job, or a single process)."""
+    import torch.distributed as dist
+
+    from megatron_pd.data.datasets import build_splits, check_data
+    from megatron_pd.engine.train_module import TrainModule
+    from megatron_pd.engine.trainer import Trainer
+    from megatron_pd.models.checkpoint import CheckpointManager, latest_checkpoint, load_checkpoint
+    from megatron_pd.parallel import topology
+
+    _absolute_paths(cfg)
+    rank, world_size = topology.init_distributed()
+    dp = cfg.validate_for_world(world_size)
+    tokenizer = load_tokenizer(cfg)
+    vocab_size = resolve_vocab_size(cfg, tokenizer)
+    check_data(cfg.data.blend, tokenizer)
+    groups = topology.init_student_groups(cfg.parallel.tp, cfg.parallel.pp)
+    if rank == 0:
+        save_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
+    total = cfg.total_steps()
+    gbs = cfg.train.global_batch_size
+    eval_samples = cfg.train.eval_batches * gbs if cfg.train.eval_interval else 0
+    splits = build_splits(
+        cfg.data,
+        tokenizer,
+        (total * gbs, eval_samples, 0),
+        cfg.data.cache_dir or os.path.join(cfg.run_dir, "data_cache"),
+    )
+    module = TrainModule(cfg, groups, vocab_size, dp)
+    save_dir = cfg.checkpoint.save_dir or os.path.join(cfg.run_dir, "checkpoints")
+    checkpoints = CheckpointManager(save_dir, cfg.checkpoint.keep_last, cfg.checkpoint.async_save)
+    trainer = Trainer(cfg, module, splits, checkpoints, cfg.run_dir, dist.get_rank(groups.dp))
+    if cfg.checkpoint.resume:
+        path = latest_checkpoint(cfg.checkpoint.load_dir or save_dir)
+        if path is not None:
+            trainer.restore(load_checkpoint(module, path))
+            if rank == 0:
+                print(f"resumed from {path} at step {trainer.step}", flush=True)
+    return trainer.fit()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="megatron_pd training",
+        epilog="Override any config field with --section.field=value (see --help-config).",
+    )
+    parser.add_argument("--config", help="YAML config file")
+    parser.add_argument("--dry-run", action="store_true", help="validate and print the layout")
+    parser.add_argument("--world-size", type=int, help="world size for --dry-run")
+    parser.add_argument("--help-config", action="store_true", help="list every config field")
+    return parser
+
+
+def main(argv=None) -> int:
+    from megatron_pd.platform import quiet_known_warnings
+
+    quiet_known_warnings()
+    args, overrides = build_parser().parse_known_args(argv)
+    if args.help_config:
+        for name, type_name, default, doc in describe_fields():
+            print(f"--{name} ({type_name}, default {default!r})\n      {doc}")
+        return 0
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        cfg = load_config(args.config, overrides)
+        if args.dry_run:
+            world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+            return dry_run(cfg, world)
+        run(cfg)
+    except ValueError as err:
+        if rank == 0:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        if not args.dry_run and not args.help_config:
+            from megatron_pd.parallel import topology
+
+            topology.destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""megatron_pd: pre-training distillation for LLMs on NVIDIA Megatron-Core."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron_pd",
+    version="0.1.0",
+    description="Pre-training distillation (online and offline) on Megatron-Core",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["megatron_pd", "megatron_pd.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        # Install the CPU or CUDA torch you want first (see README); any 2.6+ works.
+        "torch>=2.6",
+        # The tested range: 0.16.x is the newest megatron-core for Python 3.11.
+        "megatron-core>=0.16.0,<0.17",
+        "numpy",
+        "packaging>=24.2",
+        "pyyaml>=6",
+        "sentencepiece>=0.2",
+        "tensorboard>=2.14",
+        # dist_checkpointing hangs on save without psutil.
+        "psutil",
+        "matplotlib>=3.7",
+    ],
+    extras_require={
+        # GPU extras, imported lazily; the local layer spec and torch norms are used without them.
+        "gpu": ["transformer-engine[pytorch]>=2.9,<2.12", "triton>=3.1"],
+        "triton": ["triton>=3.1"],
+        "dev": ["pytest>=8", "ruff>=0.6", "triton>=3.1"],
+    },
+)
