@@ -89,7 +89,7 @@ def dry_run(cfg, world_size: int) -> int:
         print(
             f"model: {counts['total'] / 1e6:,.1f}M parameters "
             f"({counts['non_embedding'] / 1e6:,.1f}M non-embedding), vocab {vocab} padded to "
-            f"{padded}, {flops / 1e9:,.2f} GFLOP per trained token"
+            f"{padded}, {flops / 1e9:.3g} GFLOP per trained token"
         )
     steps = cfg.total_steps()
     tokens = steps * cfg.train.global_batch_size * cfg.data.seq_length
@@ -103,22 +103,37 @@ def dry_run(cfg, world_size: int) -> int:
     return 0
 
 
+def validate(cfg, world_size: int):
+    """Every check that needs no process group; returns (tokenizer, true vocab size, dp)."""
+    from megatron_pd.data.datasets import check_data
+
+    dp = cfg.validate_for_world(world_size)
+    tokenizer = load_tokenizer(cfg)
+    vocab_size = resolve_vocab_size(cfg, tokenizer)
+    check_data(cfg.data.blend, tokenizer)
+    return tokenizer, vocab_size, dp
+
+
 def run(cfg) -> dict:
-    """Run training in this process (one rank of a torchrun job, or a single process)."""
+    """Run training in this process (one rank of a torchrun job, or a single process).
+
+    All validation happens before torch.distributed starts, so a bad config or bad data fails
+    fast and identically on every rank.
+    """
     import torch.distributed as dist
 
-    from megatron_pd.data.datasets import build_splits, check_data
+    from megatron_pd.data.datasets import build_splits
     from megatron_pd.engine.train_module import TrainModule
     from megatron_pd.engine.trainer import Trainer
     from megatron_pd.models.checkpoint import CheckpointManager, latest_checkpoint, load_checkpoint
     from megatron_pd.parallel import topology
 
     _absolute_paths(cfg)
-    rank, world_size = topology.init_distributed()
-    dp = cfg.validate_for_world(world_size)
-    tokenizer = load_tokenizer(cfg)
-    vocab_size = resolve_vocab_size(cfg, tokenizer)
-    check_data(cfg.data.blend, tokenizer)
+    world_size = dist.get_world_size() if dist.is_initialized() else int(
+        os.environ.get("WORLD_SIZE", "1")
+    )
+    tokenizer, vocab_size, dp = validate(cfg, world_size)
+    rank, _ = topology.init_distributed()
     groups = topology.init_student_groups(cfg.parallel.tp, cfg.parallel.pp)
     if rank == 0:
         save_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
@@ -177,7 +192,9 @@ def main(argv=None) -> int:
             print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
     finally:
-        if not args.dry_run and not args.help_config:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
             from megatron_pd.parallel import topology
 
             topology.destroy()

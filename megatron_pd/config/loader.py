@@ -79,6 +79,11 @@ def _coerce(path: str, value: Any, annotation: Any) -> Any:
             raise ValueError(f"{path}={value!r}: expected an integer")
         return int(value)
     if annotation is float:
+        if isinstance(value, str):  # PyYAML reads 3e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{path}={value!r}: expected a number")
         return float(value)

@@ -400,6 +400,13 @@ class Config:
                 self.data.seq_length,
                 f"exceeds model.max_position_embeddings={max_pos}",
             )
+        if self.optimizer.name == "sgd" and parallel.distributed_optimizer:
+            _fail(
+                "optimizer.name",
+                "sgd",
+                "megatron's distributed optimizer supports adam/adamw only "
+                "(set parallel.distributed_optimizer=false)",
+            )
         if self.train.global_batch_size % self.train.micro_batch_size:
             _fail(
                 "train.global_batch_size",

@@ -119,31 +119,37 @@ def train_sentencepiece(
         raise ValueError(f"tokenizer input files do not exist: {missing[:3]}")
     out_dir = os.path.dirname(os.path.abspath(output_prefix))
     os.makedirs(out_dir, exist_ok=True)
+    options = dict(
+        model_type=model_type,
+        vocab_size=vocab_size,
+        character_coverage=1.0,
+        byte_fallback=True,
+        remove_extra_whitespaces=False,
+        normalization_rule_name="identity",
+        allow_whitespace_only_pieces=True,
+        split_digits=True,
+        user_defined_symbols=["\n", "\t"],
+        unk_id=UNK_ID,
+        bos_id=BOS_ID,
+        eos_id=EOS_ID,
+        pad_id=PAD_ID,
+        input_sentence_size=max_sentences,
+        shuffle_input_sentence=True,
+        seed_sentencepiece_size=seed_sentencepiece_size,
+        num_threads=num_threads,
+        max_sentence_length=16384,
+        minloglevel=2,
+    )
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".spm.") as tmp:
         tmp_prefix = os.path.join(tmp, "model")
-        spm.SentencePieceTrainer.Train(
-            sentence_iterator=_sentences(input_paths, json_key, max_line_chars=4096),
-            model_prefix=tmp_prefix,
-            vocab_size=vocab_size,
-            model_type=model_type,
-            character_coverage=1.0,
-            byte_fallback=True,
-            remove_extra_whitespaces=False,
-            normalization_rule_name="identity",
-            allow_whitespace_only_pieces=True,
-            split_digits=True,
-            user_defined_symbols=["\n", "\t"],
-            unk_id=UNK_ID,
-            bos_id=BOS_ID,
-            eos_id=EOS_ID,
-            pad_id=PAD_ID,
-            input_sentence_size=max_sentences,
-            shuffle_input_sentence=True,
-            seed_sentencepiece_size=seed_sentencepiece_size,
-            num_threads=num_threads,
-            max_sentence_length=16384,
-            minloglevel=2,
-        )
+        try:
+            spm.SentencePieceTrainer.Train(
+                sentence_iterator=_sentences(input_paths, json_key, max_line_chars=4096),
+                model_prefix=tmp_prefix,
+                **options,
+            )
+        except RuntimeError as err:
+            raise ValueError(f"sentencepiece training failed: {err}") from None
         for suffix in (".vocab", ".model"):  # the .model last: it is what readers look for
             shutil.move(tmp_prefix + suffix, output_prefix + suffix + ".tmp")
             os.replace(output_prefix + suffix + ".tmp", output_prefix + suffix)

@@ -140,6 +140,11 @@ class Trainer:
     def fit(self) -> dict:
         """Train to the end (or to ``train.stop_after_steps``); returns the last values."""
         cfg = self.cfg
+        if self.step >= self.total_steps:
+            if self.is_logging_rank:
+                print(f"nothing to do: the run is complete at step {self.step}", flush=True)
+            self.checkpoints.close()
+            return {}
         logger = MetricsLogger(
             self.run_dir,
             enabled=self.is_logging_rank,

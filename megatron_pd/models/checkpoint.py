@@ -91,6 +91,8 @@ def sharded_state(module, groups, is_loading: bool, trainer_state: dict | None =
     tp_rank, tp_size = dist.get_rank(groups.tp), dist.get_world_size(groups.tp)
     pp_rank, pp_size = dist.get_rank(groups.pp), dist.get_world_size(groups.pp)
     dp_rank = dist.get_rank(groups.dp)
+    # The same entries whether or not a step has run (a checkpoint at step 0 loads too).
+    _materialize_optimizer_state(module.optimizer)
     model_state = _unwrap(module.model).sharded_state_dict(metadata=SHARDED_METADATA)
     state = {
         "model": model_state,
@@ -186,14 +188,13 @@ def load_checkpoint(module, path: str, load_optimizer: bool = True) -> dict:
     from megatron.core import dist_checkpointing
 
     with torch.no_grad():  # fp32 parameters are written in place
-        if load_optimizer:
-            _materialize_optimizer_state(module.optimizer)
         state = sharded_state(module, module.groups, is_loading=True, trainer_state=None)
         if not load_optimizer:
             state.pop("optimizer")
         loaded = dist_checkpointing.load(state, path)
         _unwrap(module.model).load_state_dict(loaded["model"], strict=True)
         if load_optimizer:
+            _fill_missing_common_step(loaded["optimizer"])
             module.optimizer.load_state_dict(loaded["optimizer"])
             _restore_adam_steps(module.optimizer, _saved_adam_step(loaded["optimizer"]))
     _restore_rng(loaded.get("rng_state"))
@@ -212,11 +213,12 @@ def _torch_optimizers(optimizer) -> list:
 
 
 def _materialize_optimizer_state(optimizer) -> None:
-    """Create zero optimizer state for every parameter before a checkpoint is loaded into it.
+    """Create zero optimizer state for every parameter that has none yet.
 
-    torch creates Adam state lazily at the first step, but megatron's loaders expect it to
-    exist (without apex/TE they read one ``step`` per parameter). Each parameter gets its own
-    ``step`` tensor.
+    torch creates Adam state lazily at the first step, but megatron's savers and loaders
+    expect it to exist (without apex/TE they read one ``step`` per parameter). The values are
+    exactly what torch's first step would create, so training is unchanged. Each parameter
+    gets its own ``step`` tensor.
     """
     for inner in _torch_optimizers(optimizer):
         for group in inner.param_groups:
@@ -232,6 +234,20 @@ def _materialize_optimizer_state(optimizer) -> None:
                     )
                 elif isinstance(inner, torch.optim.SGD) and group.get("momentum", 0):
                     state["momentum_buffer"] = torch.zeros_like(param)
+
+
+def _fill_missing_common_step(optimizer_state) -> None:
+    """Restore Adam's step 0 in a non-distributed optimizer checkpoint written before step 1.
+
+    megatron saves the shared step only ``if step:``, so a step-0 checkpoint has none, and
+    torch's Adam refuses per-parameter state without one.
+    """
+    states = optimizer_state.get("state") if isinstance(optimizer_state, dict) else None
+    if not isinstance(states, dict) or "common_step" in states:
+        return
+    for param_state in states.values():
+        if isinstance(param_state, dict) and "exp_avg" in param_state:
+            param_state.setdefault("step", torch.tensor(0.0))
 
 
 def _saved_adam_step(optimizer_state) -> float | None:

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Per-node entry of a SLURM job: one torchrun per node, rendezvous from SLURM's variables.
+# Started by `srun` in the .sbatch files (one task per node); not meant to be run by hand.
+#
+# Environment (set in the .sbatch or exported before sbatch):
+#   CONFIG          YAML config (required)
+#   GPUS_PER_NODE   ranks per node (default 8)
+#   SITE_ENV        launch/env/<SITE_ENV>.sh with the site's NCCL/network settings (default gpu)
+#   MASTER_PORT     rendezvous port on the first node (default 29500)
+#   REPO            checkout of megatron_pd (default: two levels above this script)
+# Arguments are config overrides, forwarded to every rank.
+set -euo pipefail
+REPO="${REPO:-$(cd "$(dirname "$0")/../.." && pwd)}"
+: "${CONFIG:?set CONFIG}"
+GPUS_PER_NODE="${GPUS_PER_NODE:-8}"
+SITE_ENV="${SITE_ENV:-gpu}"
+MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+MASTER_PORT="${MASTER_PORT:-29500}"
+NNODES="${SLURM_NNODES:?not inside a SLURM allocation}"
+NODE_RANK="${SLURM_NODEID:?not inside a SLURM allocation}"
+# shellcheck source=/dev/null
+source "$REPO/launch/env/${SITE_ENV}.sh"
+cd "$REPO"
+if [ "$NODE_RANK" = "0" ]; then
+  python -m megatron_pd.train --config "$CONFIG" --dry-run \
+    --world-size "$((NNODES * GPUS_PER_NODE))" "$@"
+fi
+exec torchrun --nnodes="$NNODES" --node_rank="$NODE_RANK" --nproc_per_node="$GPUS_PER_NODE" \
+  --rdzv_id="${SLURM_JOB_ID}" --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" \
+  -m megatron_pd.train --config "$CONFIG" "$@"

@@ -1,0 +1,42 @@
+"""Test-suite setup: the tests directory on sys.path (for _dist, _models) and markers."""
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
+    config.addinivalue_line("markers", "slow: minutes on 2 CPU cores; part of the default suite")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory):
+    """A 512-token SentencePiece model and a preprocessed .bin/.idx of 40 stdlib files.
+
+    Returns a dict with the tokenizer model path, the data prefix and the source files.
+    """
+    from megatron_pd.data.corpus import stdlib_corpus_files
+    from megatron_pd.data.preprocess import preprocess
+    from megatron_pd.data.tokenizer import train_sentencepiece
+
+    root = tmp_path_factory.mktemp("corpus")
+    files = stdlib_corpus_files()[:40]
+    model = train_sentencepiece(files, str(root / "tok"), vocab_size=512, num_threads=1)
+    prefix = str(root / "text_document")
+    preprocess(files, prefix, model, workers=1, progress=False)
+    return {"tokenizer": model, "prefix": prefix, "files": files, "root": root}
