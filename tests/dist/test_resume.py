@@ -53,8 +53,9 @@ def losses(run_dir):
 
 @pytest.mark.parametrize(
     "layout",
-    [["--parallel.tp=1"], ["--parallel.tp=2"], ["--parallel.distributed_optimizer=false"]],
-    ids=["dp2_distopt", "tp2", "dp2_plain_adam"],
+    [["--parallel.tp=1"], ["--parallel.tp=2", "--checkpoint.async_save=true"],
+     ["--parallel.distributed_optimizer=false"]],
+    ids=["dp2_distopt", "tp2_async_save", "dp2_plain_adam"],
 )
 def test_resume_equals_uninterrupted(tiny_corpus, tmp_path, layout):
     common = ["--train.train_steps=8", "--checkpoint.save_interval=3", *layout]

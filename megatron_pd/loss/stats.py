@@ -1,0 +1,354 @@
+"""Per-token statistics of the fused vocab-parallel loss: local sums, their merge, the losses.
+
+Every distillation loss of loss/spec.py is a function of a few per-token sums over the
+vocabulary. Each rank computes them over its vocab shard *relative to its own maxima*
+(one read of the logits); the ranks' rows are then all-gathered (one collective of
+[TP, N, c] floats, a few KB per token-batch) and merged exactly by rescaling to the global
+maxima. With m_r a rank's local maximum and m the global one, d = m_r - m <= 0:
+
+    sum e^{x-m}           = e^d * sum_r e^{x-m_r}
+    sum e^{x-m} (x - m)   = e^d * (sum_r e^{x-m_r} (x - m_r) + d * sum_r e^{x-m_r})
+    sum e^{2(x-m)}        = e^{2d} * sum_r e^{2(x-m_r)}
+
+so no MAX-then-SUM round trip is needed. JSD alone needs the global normalisers before its
+log-mixture terms, hence a second pass and one SUM all-reduce. This module holds the math
+(local sums for a chunk of tokens, merge, per-token losses and the scalars the backward pass
+needs); loss/vocab_parallel.py runs it chunk by chunk with the collectives, and the Triton
+kernels compute the same local sums on GPU.
+
+Notation (see loss/spec.py): s~ = s / tau_s and t~ = t / tau over the true vocabulary;
+P = softmax(s~), T = softmax(t~) (or the kept sparse entries). Shape legend: C tokens of a
+chunk, N all tokens, v valid columns of this rank's shard, K kept entries.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from megatron_pd.loss.spec import LossSpec
+
+NEG = -1.0e30  # the "maximum" of a shard with no valid column: e^{NEG - m} = 0, NEG * 0 = 0
+
+# How each statistic rescales when merged: the maxima it is relative to, and its kind.
+#   "exp_s": e^{d_s}, "exp_t": e^{d_t}, "exp_2s": e^{2 d_s}, "exp_2t": e^{2 d_t},
+#   "exp_st": e^{d_s + d_t}, "exp_1": e^{tau_s d_s} (tau=1 student), "plain": no rescale,
+#   ("lin_s", base): x + d_s * base (linear term relative to m_s),
+#   ("xlin_s", base): e^{d_s} (x + d_s * base), ("xlin_t", base), ("xlin_st", base): e^{d_s}
+#   (x + d_t * base), ("xlin_ts", base): e^{d_t} (x + d_s * base).
+RULES = {
+    "z_s": "exp_s",
+    "d_s": ("xlin_s", "z_s"),
+    "e_st": ("xlin_st", "z_s"),
+    "q_ss": "exp_2s",
+    "z_t": "exp_t",
+    "b_t": ("xlin_t", "z_t"),
+    "c_ts": ("xlin_ts", "z_t"),
+    "q_tt": "exp_2t",
+    "x_st": "exp_st",
+    "z_1": "exp_1",
+    "target": "plain",
+    "sq": "plain",
+    "k_z": "exp_s",
+    "k_zs": ("xlin_s", "k_z"),
+    "k_zlogT": "exp_s",
+    "k_qs": ("lin_s", "k_t"),
+    "k_t": "plain",
+    "k_zz": "exp_2s",
+    "k_zt": "exp_s",
+    "amax_s": "argmax",
+    "t_at_amax": "argmax",
+}
+
+
+def needed_stats(spec: LossSpec, teacher_kind: str | None, with_labels: bool) -> list:
+    """Names of the summed statistics this loss needs ("m_s"/"m_t" maxima come first)."""
+    names = ["z_s"]
+    if with_labels:
+        names += ["target"] + (["z_1"] if spec.tau_student != 1.0 and teacher_kind else [])
+    if teacher_kind == "dense":
+        names += ["z_t", "b_t", "amax_s", "t_at_amax"]
+        names += {
+            "soft_ce": ["c_ts"],
+            "forward_kl": ["c_ts"],
+            "reverse_kl": ["d_s", "e_st"],
+            "mse_probs": ["q_ss", "q_tt", "x_st"],
+            "mse_logits": ["sq"],
+            "jsd": [],
+        }[spec.kind]
+    elif teacher_kind == "sparse":
+        names += ["k_z", "amax_s"]
+        names += {
+            "soft_ce": ["k_qs", "k_t"],
+            "forward_kl": ["k_qs", "k_t"],
+            "reverse_kl": ["k_zs", "k_zlogT"],
+            "mse_probs": ["q_ss", "k_zz", "k_zt"],
+            "jsd": [],
+        }[spec.kind]
+    return names
+
+
+def has_second_pass(spec: LossSpec, teacher_kind: str | None) -> bool:
+    return teacher_kind is not None and spec.kind == "jsd"
+
+
+# ---------------------------------------------------------------------------- local (per rank)
+def chunk_local_stats(
+    student_Cv: torch.Tensor,
+    teacher_Cv: torch.Tensor | None,
+    sparse: dict | None,
+    labels_local_C: torch.Tensor | None,
+    spec: LossSpec,
+    names: list,
+    shard_start: int,
+) -> torch.Tensor:
+    """Local statistics [C, 2 + len(names)] of one chunk: (m_s, m_t, *names).
+
+    ``student_Cv``/``teacher_Cv`` hold only this shard's valid (true-vocab) columns, raw logits
+    in any float dtype. ``sparse`` has this chunk's kept entries owned by this shard:
+    ``local`` column index [C, K] (clamped), ``owned`` [C, K] bool, ``T`` teacher probs [C, K].
+    ``labels_local_C`` are labels minus the shard start (out of range: not owned here).
+    """
+    num, width = student_Cv.shape
+    tau_s = spec.tau_student if (teacher_Cv is not None or sparse is not None) else 1.0
+    out = {}
+    if width == 0:
+        m_s = torch.full((num,), NEG, device=student_Cv.device)
+        m_t = torch.full((num,), NEG, device=student_Cv.device)
+        zeros = torch.zeros(num, device=student_Cv.device)
+        for name in names:
+            out[name] = zeros
+        if "amax_s" in names:
+            out["amax_s"] = torch.full((num,), -1.0, device=student_Cv.device)
+            out["t_at_amax"] = zeros
+        return torch.stack([m_s, m_t] + [out[n] for n in names], dim=-1)
+    s = student_Cv.float() / tau_s if tau_s != 1.0 else student_Cv.float()
+    m_s, amax = s.max(dim=-1)
+    shifted_s = s - m_s[:, None]
+    exp_s = shifted_s.exp()
+    out["z_s"] = exp_s.sum(-1)
+    if "d_s" in names:
+        out["d_s"] = (exp_s * shifted_s).sum(-1)
+    if "q_ss" in names:
+        out["q_ss"] = (exp_s * exp_s).sum(-1)
+    if "amax_s" in names:
+        out["amax_s"] = (amax + shard_start).float()
+    if labels_local_C is not None:
+        owned = (labels_local_C >= 0) & (labels_local_C < width)
+        picked = student_Cv.float().gather(1, labels_local_C.clamp(0, width - 1)[:, None])[:, 0]
+        out["target"] = torch.where(owned, picked, torch.zeros_like(picked))
+        if "z_1" in names:  # the hard-label softmax at tau = 1: its max is tau_s * m_s
+            out["z_1"] = (student_Cv.float() - (m_s * tau_s)[:, None]).exp().sum(-1)
+    m_t = torch.full_like(m_s, NEG)
+    if teacher_Cv is not None:
+        t = teacher_Cv.float() / spec.tau
+        m_t = t.max(dim=-1).values
+        shifted_t = t - m_t[:, None]
+        exp_t = shifted_t.exp()
+        out["z_t"] = exp_t.sum(-1)
+        out["b_t"] = (exp_t * shifted_t).sum(-1)
+        out["t_at_amax"] = shifted_t.gather(1, amax[:, None])[:, 0] + m_t
+        if "c_ts" in names:
+            out["c_ts"] = (exp_t * shifted_s).sum(-1)
+        if "e_st" in names:
+            out["e_st"] = (exp_s * shifted_t).sum(-1)
+        if "q_tt" in names:
+            out["q_tt"] = (exp_t * exp_t).sum(-1)
+        if "x_st" in names:
+            out["x_st"] = (exp_s * exp_t).sum(-1)
+        if "sq" in names:
+            out["sq"] = ((s - t) ** 2).sum(-1)
+    if sparse is not None:
+        owned = sparse["owned"]
+        kept_shifted = shifted_s.gather(1, sparse["local"])
+        kept_exp = torch.where(owned, kept_shifted.exp(), torch.zeros_like(kept_shifted))
+        T = sparse["T"]
+        out["k_z"] = kept_exp.sum(-1)
+        if "k_qs" in names:
+            out["k_qs"] = torch.where(owned, T * kept_shifted, torch.zeros_like(T)).sum(-1)
+            out["k_t"] = torch.where(owned, T, torch.zeros_like(T)).sum(-1)
+        if "k_zs" in names:
+            out["k_zs"] = (kept_exp * kept_shifted).sum(-1)
+            log_T = torch.where(owned & (T > 0), T.clamp_min(1e-38).log(), torch.zeros_like(T))
+            out["k_zlogT"] = (kept_exp * log_T).sum(-1)
+        if "k_zz" in names:
+            out["k_zz"] = (kept_exp * kept_exp).sum(-1)
+            out["k_zt"] = (kept_exp * T).sum(-1)
+    return torch.stack([m_s, m_t] + [out[n] for n in names], dim=-1)
+
+
+# ---------------------------------------------------------------------------- merge
+def merge_stats(gathered_RNc: torch.Tensor, names: list, tau_s: float) -> dict:
+    """Combine every rank's local statistics [R, N, 2 + c] into global per-token values."""
+    m_s_r, m_t_r = gathered_RNc[..., 0], gathered_RNc[..., 1]
+    m_s, m_t = m_s_r.max(0).values, m_t_r.max(0).values
+    d_s, d_t = m_s_r - m_s, m_t_r - m_t
+    factors = {
+        "exp_s": d_s.exp(),
+        "exp_t": d_t.exp(),
+        "exp_2s": (2 * d_s).exp(),
+        "exp_2t": (2 * d_t).exp(),
+        "exp_st": (d_s + d_t).exp(),
+        "exp_1": (tau_s * d_s).exp(),
+    }
+    local = {n: gathered_RNc[..., 2 + i] for i, n in enumerate(names)}
+    merged = {"m_s": m_s, "m_t": m_t}
+    for name in names:
+        rule, x = RULES[name], local[name]
+        if rule == "plain":
+            merged[name] = x.sum(0)
+        elif rule == "argmax":
+            continue
+        elif isinstance(rule, str):
+            merged[name] = (factors[rule] * x).sum(0)
+        else:
+            form, base_name = rule
+            base = local[base_name]
+            if form == "lin_s":
+                merged[name] = (x + d_s * base).sum(0)
+            elif form == "xlin_s":
+                merged[name] = (factors["exp_s"] * (x + d_s * base)).sum(0)
+            elif form == "xlin_t":
+                merged[name] = (factors["exp_t"] * (x + d_t * base)).sum(0)
+            elif form == "xlin_st":
+                merged[name] = (factors["exp_s"] * (x + d_t * base)).sum(0)
+            elif form == "xlin_ts":
+                merged[name] = (factors["exp_t"] * (x + d_s * base)).sum(0)
+    if "amax_s" in names:
+        # The student's global argmax sits on the rank with the largest local maximum.
+        owner = m_s_r.argmax(0, keepdim=True)
+        merged["amax_s"] = local["amax_s"].gather(0, owner)[0]
+        if "t_at_amax" in names:
+            merged["t_at_amax"] = local["t_at_amax"].gather(0, owner)[0]
+    return merged
+
+
+# ---------------------------------------------------------------------------- losses
+def _log(x):
+    return torch.log(x.clamp_min(1e-38))
+
+
+def finalize(merged: dict, spec: LossSpec, teacher_kind: str | None, sparse_info: dict | None,
+             true_vocab: int) -> dict:
+    """Per-token values from merged statistics.
+
+    Returns {"lm", "kd", "lse_s", "lse_t", "lse_1", "W", "a", ...}: the losses (kd already
+    scaled by tau^2 when asked), and the scalars the gradient needs: the student/teacher
+    log-normalisers, W (the P-weighted mean of the per-category derivative) and, for a sparse
+    teacher, ``a`` (that derivative outside the kept set).
+    """
+    tau_s = spec.tau_student if teacher_kind else 1.0
+    m_s, z_s = merged["m_s"], merged["z_s"]
+    lse_s = m_s + _log(z_s)
+    values = {"lse_s": lse_s}
+    if "target" in merged:
+        # The hard-label softmax is at tau = 1; its maximum is tau_s * m_s.
+        lse_1 = tau_s * m_s + _log(merged["z_1"]) if "z_1" in merged else lse_s
+        values["lse_1"] = lse_1
+        values["lm"] = lse_1 - merged["target"]
+    if teacher_kind == "dense":
+        _finalize_dense(merged, spec, values, true_vocab)
+    elif teacher_kind == "sparse":
+        _finalize_sparse(merged, spec, values, sparse_info)
+    if "kd" in values:
+        values["kd"] = values["kd"] * spec.kd_scale
+    return values
+
+
+def _finalize_dense(merged, spec, values, true_vocab):
+    m_s, m_t, z_s, z_t = merged["m_s"], merged["m_t"], merged["z_s"], merged["z_t"]
+    lse_s, lse_t = values["lse_s"], m_t + _log(z_t)
+    values["lse_t"] = lse_t
+    mean_t_t = m_t + merged["b_t"] / z_t  # E_T[t~]
+    values["teacher_entropy"] = lse_t - mean_t_t
+    values["agree"] = (merged["t_at_amax"] >= m_t).float()
+    kind = spec.kind
+    if kind in ("soft_ce", "forward_kl"):
+        mean_t_s = m_s + merged["c_ts"] / z_t  # E_T[s~]
+        values["kd"] = lse_s - mean_t_s
+        if kind == "forward_kl":
+            values["kd"] = values["kd"] + (mean_t_t - lse_t)
+    elif kind == "reverse_kl":
+        mean_s_s = m_s + merged["d_s"] / z_s
+        mean_s_t = m_t + merged["e_st"] / z_s
+        values["kd"] = (mean_s_s - lse_s) - (mean_s_t - lse_t)
+        values["W"] = values["kd"]
+    elif kind == "mse_probs":
+        sum_pp = merged["q_ss"] / z_s**2
+        sum_tt = merged["q_tt"] / z_t**2
+        sum_pt = merged["x_st"] / (z_s * z_t)
+        values["kd"] = sum_pp - 2 * sum_pt + sum_tt
+        values["W"] = 2 * (sum_pp - sum_pt)
+    elif kind == "mse_logits":
+        values["kd"] = merged["sq"] / true_vocab
+
+
+def _finalize_sparse(merged, spec, values, info):
+    z_s, lse_s = merged["z_s"], values["lse_s"]
+    log_z = _log(z_s)
+    P_K = (merged["k_z"] / z_s).clamp(0.0, 1.0)
+    G = (1.0 - P_K).clamp_min(0.0)  # the student's mass outside the kept set
+    r = info["r"]
+    values["kept_mass_student"] = P_K
+    values["teacher_entropy"] = info["teacher_entropy"]
+    values["agree"] = (merged["amax_s"] == info["teacher_argmax"]).float()
+    kind, tail = spec.kind, spec.tail
+    if kind in ("soft_ce", "forward_kl"):
+        cross = -(merged["k_qs"] - log_z * merged["k_t"])  # -sum_K T_i log P_i
+        kd = cross
+        if kind == "forward_kl":
+            kd = kd + info["sum_TlogT"]
+        if tail:
+            kd = kd - r * _log(G)
+            if kind == "forward_kl":
+                kd = kd + torch.xlogy(r, r)
+        values["kd"] = kd
+        values["W"] = torch.full_like(kd, -1.0)
+        values["a"] = -r / G.clamp_min(1e-38) if tail else torch.zeros_like(kd)
+    elif kind == "reverse_kl":  # tail required
+        sum_PlogP = merged["k_zs"] / z_s - log_z * P_K
+        sum_PlogT = merged["k_zlogT"] / z_s
+        kd = sum_PlogP - sum_PlogT + torch.xlogy(G, G) - G * _log(r)
+        values["kd"] = kd
+        values["W"] = kd
+        values["a"] = _log(G) - _log(r)
+    elif kind == "mse_probs":
+        sum_pp = merged["q_ss"] / z_s**2
+        kept_pp = merged["k_zz"] / z_s**2
+        kept_pt = merged["k_zt"] / z_s
+        kept = kept_pp - 2 * kept_pt + info["sum_TT"]
+        if tail:
+            values["kd"] = kept + (G - r) ** 2
+            values["W"] = 2 * (kept_pp - kept_pt) + 2 * G * (G - r)
+            values["a"] = 2 * (G - r)
+        else:
+            values["kd"] = kept + (sum_pp - kept_pp)
+            values["W"] = 2 * (kept_pp - kept_pt) + 2 * (sum_pp - kept_pp)
+            values["a"] = None  # outside the kept set the derivative is 2 P_j itself
+    values["G"] = G
+
+
+def jsd_outside_terms(spec: LossSpec, G, r) -> tuple:
+    """JSD value and P-weighted derivative mass from outside a sparse teacher's kept set."""
+    beta = spec.jsd_beta
+    if spec.tail:
+        mix = beta * r + (1 - beta) * G
+        value = beta * (torch.xlogy(r, r) - torch.xlogy(r, mix)) + (1 - beta) * (
+            torch.xlogy(G, G) - torch.xlogy(G, mix)
+        )
+        w = (1 - beta) * (_log(G) - _log(mix))
+        return value, G * w, w
+    w = torch.full_like(G, -(1 - beta) * math.log(1 - beta))
+    return G * w, G * w, w
+
+
+def jsd_terms(P, T, beta: float) -> tuple:
+    """Elementwise JSD value and P * derivative (before summing), P and T probabilities."""
+    mix = beta * T + (1 - beta) * P
+    log_mix = _log(mix)
+    value = beta * (torch.xlogy(T, T) - T * log_mix) + (1 - beta) * (
+        torch.xlogy(P, P) - P * log_mix
+    )
+    weighted = (1 - beta) * (torch.xlogy(P, P) - P * log_mix)
+    return value, weighted
