@@ -113,14 +113,15 @@ class SparseTeacher:
         return self.valid.sum(dim=-1)
 
 
-def sparse_teacher_distribution(teacher: SparseTeacher, tau: float, tail: bool) -> tuple:
+def sparse_teacher_distribution(teacher: SparseTeacher, tau: float, tail: bool,
+                                dtype: torch.dtype = torch.float32) -> tuple:
     """(T [N, K], r [N]): teacher probabilities of the kept entries and the tail mass.
 
     T = (1 - r) * softmax(logprob / tau) over the kept entries when ``tail``, else the plain
-    renormalised softmax (r is still returned for logging). Empty slots get T = 0. fp32.
+    renormalised softmax (r is still returned for logging). Empty slots get T = 0.
     """
     valid = teacher.valid
-    logp = teacher.logprobs.float()
+    logp = teacher.logprobs.to(dtype)
     scaled = torch.where(valid, logp / tau, torch.full_like(logp, float("-inf")))
     any_valid = valid.any(dim=-1, keepdim=True)
     q = torch.softmax(torch.where(any_valid, scaled, torch.zeros_like(scaled)), dim=-1)

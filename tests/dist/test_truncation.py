@@ -1,0 +1,84 @@
+"""Vocab-parallel top-p-k truncation equals a full sort on one device."""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from _dist import run_distributed
+from megatron_pd.logits.truncation import (
+    TruncationSpec,
+    truncate_dense,
+    truncate_vocab_parallel,
+    truncation_stats,
+)
+from megatron_pd.models.gpt import VocabInfo
+
+TRUE_VOCAB, PADDED, TOKENS = 211, 224, 17
+SPECS = ["top-0.95-100", "top-0.95-inf", "top-1.0-50", "top-0.5-20", "top-0.95-1",
+         "top-0.9-300"]
+
+
+def spec_of(name):
+    top_k = TruncationSpec.parse(name).top_k
+    return TruncationSpec.parse(name, min_k=min(2, top_k or 2), k_cap=256)
+
+
+def teacher_logits():
+    g = torch.Generator().manual_seed(5)
+    # Scales from peaked to flat distributions, so p cuts at very different depths.
+    scale = torch.linspace(0.3, 6.0, TOKENS)[:, None]
+    logits = torch.randn(TOKENS, PADDED, generator=g) * scale
+    logits[:, TRUE_VOCAB:] = 1e4  # padding: never a candidate
+    return logits
+
+
+def parallel(rank, world_size, names):
+    logits = teacher_logits()
+    width = PADDED // world_size
+    vocab = VocabInfo(TRUE_VOCAB, PADDED, world_size, rank)
+    shard = logits[:, rank * width:(rank + 1) * width]
+    return [truncate_vocab_parallel(shard, vocab, spec_of(n), dist.group.WORLD, chunk_tokens=5)
+            for n in names]
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_vocab_parallel_equals_full_sort(world_size):
+    results = run_distributed(parallel, world_size, SPECS)
+    for index, name in enumerate(SPECS):
+        expected = truncate_dense(teacher_logits(), TRUE_VOCAB, spec_of(name))
+        for rank in range(world_size):
+            actual = results[rank][index]
+            assert torch.equal(actual.indices, expected.indices), (name, rank)
+            torch.testing.assert_close(actual.logprobs, expected.logprobs, rtol=0, atol=1e-5)
+
+
+def test_rule_semantics():
+    logits = teacher_logits()
+    probs = torch.softmax(logits[:, :TRUE_VOCAB].double(), -1)
+    for name in ("top-0.95-100", "top-0.5-20", "top-0.9-300"):
+        spec = TruncationSpec.parse(name, min_k=1, k_cap=256)
+        kept = truncate_dense(logits, TRUE_VOCAB, spec)
+        counts = kept.kept_counts()
+        for n in range(TOKENS):
+            p_sorted = probs[n].sort(descending=True).values
+            needed = int((torch.cumsum(p_sorted, 0) < spec.top_p).sum()) + 1
+            assert counts[n] == min(needed, spec.slots), (name, n)
+    top_k = truncate_dense(logits, TRUE_VOCAB, TruncationSpec.parse("top-1.0-50"))
+    assert (top_k.kept_counts() == 50).all()
+    assert torch.equal(top_k.indices[:, :50],
+                       logits[:, :TRUE_VOCAB].topk(50, -1).indices)
+    floor = truncate_dense(logits, TRUE_VOCAB, TruncationSpec.parse("top-0.01-10", min_k=3))
+    assert (floor.kept_counts() == 3).all()
+    stats = truncation_stats(truncate_dense(logits, TRUE_VOCAB,
+                                            TruncationSpec.parse("top-0.95-100")))
+    assert 1 <= stats["kept_per_token"] <= 100 and 0.5 < stats["kept_mass"] <= 1.0
+
+
+def test_names():
+    assert TruncationSpec.parse("top-0.95-inf").top_k is None
+    assert TruncationSpec.parse("top-0.95-inf").name == "top-0.95-inf"
+    assert TruncationSpec(0.95, 50).name == "top-0.95-50"
+    with pytest.raises(ValueError, match="expected top-P-K"):
+        TruncationSpec.parse("top-k-5")
+    with pytest.raises(ValueError, match="min_k=5 exceeds top_k=2"):
+        TruncationSpec(0.9, 2, min_k=5)
