@@ -18,7 +18,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_pd.config.schema import Config
-from megatron_pd.loss.lm import vocab_parallel_cross_entropy
+from megatron_pd.loss.spec import LossSpec
+from megatron_pd.loss.vocab_parallel import fused_distill_loss
 from megatron_pd.models.gpt import (
     VocabInfo,
     build_gpt_model,
@@ -26,6 +27,9 @@ from megatron_pd.models.gpt import (
     padded_vocab_size,
     seed_rngs,
 )
+
+
+_LM_ONLY = LossSpec(alpha=0.0)  # plain next-token cross-entropy over the true vocabulary
 
 
 def resolve_precision(name: str) -> torch.dtype:
@@ -141,10 +145,11 @@ class TrainModule:
         The LM module has one term; the distillation module overrides this.
         """
         labels_N = batch["labels"].reshape(-1)
-        ce_N = vocab_parallel_cross_entropy(
-            logits_BSv.reshape(-1, logits_BSv.shape[-1]), labels_N, self.vocab, self.groups.tp
+        out = fused_distill_loss(
+            logits_BSv.reshape(-1, logits_BSv.shape[-1]), labels_N, None, _LM_ONLY, self.vocab,
+            self.groups.tp,
         )
-        return {"loss": ce_N, "lm_loss": ce_N.detach()}
+        return {"loss": out["loss"], "lm_loss": out["lm"]}
 
     def _loss_func(self, batch: dict, logits_BSv: torch.Tensor):
         terms = self.loss_terms(logits_BSv, batch)

@@ -27,13 +27,16 @@ from megatron_pd.loss.spec import DenseTeacher, LossSpec, SparseTeacher, sparse_
 from megatron_pd.models.gpt import VocabInfo
 from megatron_pd.parallel.collectives import all_gather_stacked, all_reduce_sum
 
-# fp32 bytes of [C, v] temporaries alive at once in a chunk (student, teacher, exp, products).
-_TEMPORARIES = 6
+def default_chunk_tokens(shard_width: int, tp_size: int = 1) -> int:
+    """Tokens per chunk: rows of the *full* vocabulary in 4 MB of fp32 (so each rank's [C, v]
+    workspace buffers shrink with TP like its logits do), but at least 1 MB per buffer.
 
-
-def default_chunk_tokens(shard_width: int, budget_bytes: int = 64 * 2**20) -> int:
-    """Tokens per chunk so the chunk's fp32 temporaries stay within ``budget_bytes``."""
-    return max(1, budget_bytes // (max(shard_width, 1) * 4 * _TEMPORARIES))
+    About five such buffers live at once: the loss's temporaries stay near 20 MB at TP=1
+    whatever the number of tokens, and one op on 0.25-1M elements dwarfs the per-chunk Python
+    overhead.
+    """
+    width = max(shard_width, 1)
+    return max(1, 2**20 // (width * tp_size), 2**18 // width)
 
 
 def _sparse_prep(teacher: SparseTeacher, spec: LossSpec, vocab: VocabInfo) -> dict:
@@ -73,13 +76,14 @@ class FusedDistillLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student_Nv, labels_N, teacher_dense_Nv, teacher_idx_NK, teacher_logp_NK,
-                spec: LossSpec, vocab: VocabInfo, tp_group, chunk_tokens: int, stats_log: list):
+                spec: LossSpec, vocab: VocabInfo, tp_group, chunk_tokens: int, stats_log: list,
+                metrics: bool = True):
         num_tokens = student_Nv.shape[0]
         valid = vocab.valid_in_shard
         kind = "dense" if teacher_dense_Nv is not None else (
             "sparse" if teacher_idx_NK is not None else None)
         with_labels = labels_N is not None
-        names = S.needed_stats(spec, kind, with_labels)
+        names = S.needed_stats(spec, kind, with_labels, metrics)
         sparse = None
         if kind == "sparse":
             sparse = _sparse_prep(SparseTeacher(teacher_idx_NK, teacher_logp_NK), spec, vocab)
@@ -88,13 +92,14 @@ class FusedDistillLossFunction(torch.autograd.Function):
 
         # 1. local statistics, one read of the logits
         local = torch.empty(num_tokens, 2 + len(names), device=device)
+        ws = S.Workspace(min(chunk_tokens, num_tokens), valid, device)
         for start, end in _chunks(num_tokens, chunk_tokens):
             local[start:end] = S.chunk_local_stats(
                 student_Nv[start:end, :valid],
                 teacher_dense_Nv[start:end, :valid] if kind == "dense" else None,
                 _slice_sparse(sparse, start, end),
                 labels_local[start:end] if with_labels else None,
-                spec, names, vocab.shard_start,
+                spec, names, vocab.shard_start, ws,
             )
         # 2. one all-gather of the per-token rows; exact merge on every rank
         gathered = all_gather_stacked(local, tp_group)
@@ -159,7 +164,10 @@ class FusedDistillLossFunction(torch.autograd.Function):
         per_token = dict(zip(ctx.per_token_names, saved))
         spec, vocab, kind = ctx.spec, ctx.vocab, ctx.kind
         valid = vocab.valid_in_shard
-        grad = torch.zeros_like(student_Nv)
+        grad = torch.empty_like(student_Nv)
+        grad[:, valid:] = 0.0  # padded vocabulary columns
+        direct = grad.dtype == torch.float32  # compute straight into the gradient
+        ws = S.Workspace(min(ctx.chunk, max(student_Nv.shape[0], 1)), valid, student_Nv.device)
         ce_weight = ((1.0 - ctx.alpha) * grad_loss).masked_fill(ignored, 0.0)
         kd_weight = (ctx.alpha * spec.kd_scale * grad_loss).masked_fill(~keep_kd, 0.0)
         if kind:
@@ -168,16 +176,18 @@ class FusedDistillLossFunction(torch.autograd.Function):
             if valid == 0:
                 break
             rows = slice(start, end)
-            block = _grad_chunk(
+            target = grad[rows, :valid] if direct else ws.get("grad", end - start)
+            _grad_chunk(
                 student_Nv[rows, :valid],
                 labels_N[rows] - vocab.shard_start if ctx.with_labels else None,
                 teacher_Nv[rows, :valid] if kind == "dense" else None,
                 _slice_sparse(ctx.sparse, start, end),
                 {k: v[rows] for k, v in per_token.items()},
-                ce_weight[rows], kd_weight[rows], spec, kind, vocab.true_size,
+                ce_weight[rows], kd_weight[rows], spec, kind, vocab.true_size, ws, target,
             )
-            grad[rows, :valid] = block.to(grad.dtype)
-        return grad, None, None, None, None, None, None, None, None, None
+            if not direct:
+                grad[rows, :valid] = target
+        return grad, None, None, None, None, None, None, None, None, None, None
 
 
 def _slice_sparse(sparse: dict | None, start: int, end: int) -> dict | None:
@@ -205,65 +215,102 @@ def _jsd_chunk_sums(student_Cv, teacher_Cv, sparse, values, start, end, spec, ta
 
 
 def _grad_chunk(student_Cv, labels_local, teacher_Cv, sparse, per_token, ce_weight, kd_weight,
-                spec, kind, true_vocab):
-    """d loss / d student logits for one chunk, fp32 [C, v]."""
-    s_raw = student_Cv.float()
-    width = s_raw.shape[1]
-    grad = torch.zeros_like(s_raw)
-    if labels_local is not None:
-        lse_1 = per_token.get("lse_1", per_token["lse_s"])
-        ce_grad = (s_raw - lse_1[:, None]).exp()
-        owned = (labels_local >= 0) & (labels_local < width)
-        rows = torch.arange(s_raw.shape[0], device=s_raw.device)[owned]
-        ce_grad[rows, labels_local[owned]] -= 1.0
-        grad += ce_weight[:, None] * ce_grad
-    if kind is None:
-        return grad
-    tau_s = spec.tau_student
-    s = s_raw / tau_s
+                spec, kind, true_vocab, ws, out):
+    """Write d loss / d student logits of one chunk into ``out`` (fp32 [C, v]).
+
+    In-place ops on workspace buffers, few passes. ``ce_weight``/``kd_weight`` [C] already
+    hold the upstream gradient, alpha, tau^2 and 1/tau_s.
+    """
+    num = student_Cv.shape[0]
+    tau_s = spec.tau_student if kind else 1.0
+    s = S.as_fp32_scaled(student_Cv, 1.0 / tau_s, ws.get("s", num))
     lse_s = per_token["lse_s"][:, None]
-    P = (s - lse_s).exp()
-    kd = spec.kind
-    if kind == "dense":
-        t = teacher_Cv.float() / spec.tau
-        if kd == "mse_logits":
-            kd_grad = 2.0 * (s - t) / true_vocab
-        else:
-            T = (t - per_token["lse_t"][:, None]).exp()
-            if kd in ("soft_ce", "forward_kl"):
-                kd_grad = P - T
-            elif kd == "reverse_kl":
-                kd_grad = P * ((s - lse_s) - (t - per_token["lse_t"][:, None])
-                               - per_token["W"][:, None])
-            elif kd == "mse_probs":
-                kd_grad = 2.0 * P * ((P - T) - per_token["W"][:, None] / 2.0)
-            else:  # jsd
-                mix = spec.jsd_beta * T + (1 - spec.jsd_beta) * P
-                w = (1 - spec.jsd_beta) * (S._log(P) - S._log(mix))
-                kd_grad = P * (w - per_token["W"][:, None])
+    P = torch.sub(s, lse_s, out=out).exp_()
+    width = s.shape[1]
+    # The hard-label softmax equals P when tau_s = 1; otherwise it is recomputed at tau = 1.
+    shared_ce = labels_local is not None and tau_s == 1.0
+    ce_col = ce_weight[:, None]
+    kd_col = kd_weight[:, None]
+    if kind is None:
+        grad = P.mul_(ce_col)
+    elif kind == "dense":
+        grad = _dense_kd_grad(s, P, teacher_Cv, per_token, kd_col, ce_col if shared_ce else None,
+                              spec, true_vocab, ws)
     else:
-        W = per_token["W"][:, None]
-        if kd == "mse_probs" and not spec.tail:
-            kd_grad = P * (2.0 * P - W)
-        else:
-            kd_grad = P * (per_token["a"][:, None] - W)
-        owned, local, T = sparse["owned"], sparse["local"], sparse["T"]
-        P_kept = P.gather(1, local)
-        if kd in ("soft_ce", "forward_kl"):
-            kept_grad = P_kept - T
-        elif kd == "reverse_kl":
-            kept_grad = P_kept * (S._log(P_kept) - S._log(T) - W)
-        elif kd == "mse_probs":
-            kept_grad = P_kept * (2.0 * (P_kept - T) - W)
-        else:  # jsd
-            mix = spec.jsd_beta * T + (1 - spec.jsd_beta) * P_kept
-            kept_grad = P_kept * ((1 - spec.jsd_beta) * (S._log(P_kept) - S._log(mix)) - W)
-        # Replace the generic derivative by the kept entries' one, as an added difference:
-        # foreign entries share clamped column indices and must add exactly nothing.
-        delta = torch.where(owned, kept_grad - kd_grad.gather(1, local), torch.zeros_like(T))
-        kd_grad.scatter_add_(1, local, delta)
-    grad += kd_weight[:, None] * kd_grad
+        grad = _sparse_kd_grad(P, sparse, per_token, kd_col, ce_col if shared_ce else None, spec)
+    if labels_local is not None:
+        if not shared_ce and kind is not None:
+            raw = S.as_fp32_scaled(student_Cv, 1.0, ws.get("t", num))
+            P1 = torch.sub(raw, per_token["lse_1"][:, None], out=ws.get("tmp", num)).exp_()
+            grad.addcmul_(P1, ce_col)
+        owned = (labels_local >= 0) & (labels_local < width)
+        rows = torch.arange(grad.shape[0], device=grad.device)[owned]
+        grad[rows, labels_local[owned]] -= ce_weight[owned]
     return grad
+
+
+def _dense_kd_grad(s, P, teacher_Cv, per_token, kd_col, ce_col, spec, true_vocab, ws):
+    """kd_weight * dKD/ds~ (+ ce_weight * P when the CE softmax is shared), dense teacher.
+
+    Returns the gradient in P's buffer (P is consumed).
+    """
+    kd = spec.kind
+    num = s.shape[0]
+    t = S.as_fp32_scaled(teacher_Cv, 1.0 / spec.tau, ws.get("t", num))
+    if kd == "mse_logits":
+        P.mul_(ce_col) if ce_col is not None else P.zero_()
+        return P.add_(torch.sub(s, t, out=ws.get("tmp", num)).mul_(kd_col * (2.0 / true_vocab)))
+    T = torch.sub(t, per_token["lse_t"][:, None], out=ws.get("tmp", num)).exp_()
+    if kd in ("soft_ce", "forward_kl"):  # P - T
+        grad = P.mul_(kd_col if ce_col is None else kd_col + ce_col)
+        return grad.addcmul_(T, kd_col, value=-1.0)
+    if kd == "reverse_kl":  # P * (log P - log T - KL)
+        shift = per_token["lse_s"] - per_token["lse_t"] + per_token["W"]
+        factor = torch.sub(s, t, out=ws.get("factor", num)).sub_(shift[:, None]).mul_(kd_col)
+    elif kd == "mse_probs":  # 2 P ((P - T) - (sum P^2 - sum P T))
+        factor = torch.sub(P, T, out=ws.get("factor", num))
+        factor.sub_(per_token["W"][:, None] / 2.0).mul_(2.0 * kd_col)
+    else:  # jsd: P * ((1 - beta) log(P / M) - W)
+        beta = spec.jsd_beta
+        mix = T.mul_(beta).add_(P, alpha=1.0 - beta).clamp_min_(1e-38).log_()
+        factor = torch.clamp_min(P, 1e-38, out=ws.get("factor", num)).log_().sub_(mix)
+        factor.mul_(1.0 - beta).sub_(per_token["W"][:, None]).mul_(kd_col)
+    if ce_col is not None:
+        factor = factor.add_(ce_col)
+    return P.mul_(factor)
+
+
+def _sparse_kd_grad(P, sparse, per_token, kd_col, ce_col, spec):
+    """kd_weight * dKD/ds~ (+ ce_weight * P when shared) against kept entries (+ tail)."""
+    kd = spec.kind
+    W = per_token["W"][:, None]
+    owned, local, T = sparse["owned"], sparse["local"], sparse["T"]
+    P_kept = P.gather(1, local)
+    # Outside the kept set the derivative is P * (a - W), with a per-token constant a (for
+    # mse_probs without tail: a = 2 P, elementwise).
+    if kd == "mse_probs" and not spec.tail:
+        generic_kept = P_kept * (2.0 * P_kept - W)
+        factor = (2.0 * P - W).mul_(kd_col)
+        if ce_col is not None:
+            factor.add_(ce_col)
+        grad = P.mul_(factor)
+    else:
+        coefficient = (per_token["a"][:, None] - W) * kd_col
+        generic_kept = P_kept * (per_token["a"][:, None] - W)
+        grad = P.mul_(coefficient if ce_col is None else coefficient + ce_col)
+    if kd in ("soft_ce", "forward_kl"):
+        kept_grad = P_kept - T
+    elif kd == "reverse_kl":
+        kept_grad = P_kept * (S._log(P_kept) - S._log(T) - W)
+    elif kd == "mse_probs":
+        kept_grad = P_kept * (2.0 * (P_kept - T) - W)
+    else:  # jsd
+        mix = spec.jsd_beta * T + (1 - spec.jsd_beta) * P_kept
+        kept_grad = P_kept * ((1 - spec.jsd_beta) * (S._log(P_kept) - S._log(mix)) - W)
+    # Swap the generic derivative of kept entries for their own, as an added difference:
+    # foreign entries share clamped column indices and must add exactly nothing.
+    delta = torch.where(owned, (kept_grad - generic_kept) * kd_col, torch.zeros_like(T))
+    return grad.scatter_add_(1, local, delta)
 
 
 def fused_distill_loss(
@@ -275,19 +322,23 @@ def fused_distill_loss(
     tp_group,
     chunk_tokens: int | None = None,
     collectives: list | None = None,
+    metrics: bool = True,
 ) -> dict:
     """Per-token {"loss" (differentiable), "lm", "kd", "teacher_entropy", "agree", "kept"}.
 
     Collective over ``tp_group`` (one all-gather; JSD adds one all-reduce). ``collectives``,
-    if given, receives the name of each collective issued (tests count them).
+    if given, receives the name of each collective issued (tests count them). With
+    ``metrics=False`` the teacher entropy and top-1 agreement (two extra reductions over the
+    vocabulary) are not computed and come back as zeros.
     """
     spec.check_teacher(teacher)
-    chunk = chunk_tokens or default_chunk_tokens(vocab.valid_in_shard)
+    chunk = chunk_tokens or default_chunk_tokens(vocab.shard_size, vocab.tp_size)
     dense = teacher.logits if isinstance(teacher, DenseTeacher) else None
     idx = teacher.indices if isinstance(teacher, SparseTeacher) else None
     logp = teacher.logprobs if isinstance(teacher, SparseTeacher) else None
     log = collectives if collectives is not None else []
     loss, lm, kd, entropy, agree, kept = FusedDistillLossFunction.apply(
-        student_logits_Nv, labels_N, dense, idx, logp, spec, vocab, tp_group, chunk, log)
+        student_logits_Nv, labels_N, dense, idx, logp, spec, vocab, tp_group, chunk, log,
+        metrics)
     return {"loss": loss, "lm": lm, "kd": kd, "teacher_entropy": entropy, "agree": agree,
             "kept": kept}

@@ -1,12 +1,20 @@
-"""Vocab-parallel LM cross-entropy equals torch's, on 1/2/4 ranks, with padded vocab columns."""
+"""The fused loss at alpha = 0 (plain LM cross-entropy, what pre-training uses) equals torch's
+cross_entropy on 1/2/4 ranks with padded vocab columns, and megatron-core's own
+vocab_parallel_cross_entropy where there is no padding."""
 
 import pytest
 import torch
 import torch.distributed as dist
 
 from _dist import run_distributed
-from megatron_pd.loss.lm import vocab_parallel_cross_entropy
+from megatron_pd.loss.spec import LossSpec
+from megatron_pd.loss.vocab_parallel import fused_distill_loss
 from megatron_pd.models.gpt import VocabInfo
+
+
+def vocab_parallel_cross_entropy(logits, labels, vocab, group):
+    return fused_distill_loss(logits, labels, None, LossSpec(alpha=0.0), vocab, group,
+                              chunk_tokens=7)["loss"]
 
 TRUE_VOCAB, PADDED_VOCAB, TOKENS = 101, 112, 24
 # fp32 log-sum-exp over a split vocabulary: differences are rounding, ~1e-6.
