@@ -129,8 +129,8 @@ def run(cfg) -> dict:
     from megatron_pd.parallel import topology
 
     _absolute_paths(cfg)
-    world_size = dist.get_world_size() if dist.is_initialized() else int(
-        os.environ.get("WORLD_SIZE", "1")
+    world_size = (
+        dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
     )
     tokenizer, vocab_size, dp = validate(cfg, world_size)
     rank, _ = topology.init_distributed()

@@ -18,13 +18,12 @@ import time
 import traceback
 from multiprocessing.connection import wait
 
-import torch
-
 # Import megatron-core in the parent so children inherit it (the expensive part).
 import megatron.core  # noqa: F401
 import megatron.core.models.gpt  # noqa: F401
 import megatron.core.optimizer  # noqa: F401
 import megatron.core.pipeline_parallel  # noqa: F401
+import torch
 
 DEFAULT_TIMEOUT_S = 300
 
@@ -46,8 +45,8 @@ def _child(rank, world_size, port, fn, args, kwargs, conn):
             MASTER_PORT=str(port),
         )
         torch.set_num_threads(1)
-        from megatron_pd.platform import quiet_known_warnings
         from megatron_pd.parallel import topology
+        from megatron_pd.platform import quiet_known_warnings
 
         quiet_known_warnings()
         torch.distributed.init_process_group(

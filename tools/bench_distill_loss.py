@@ -42,8 +42,7 @@ def make_inputs(tokens: int, vocab: int, keep: int, seed: int = 0) -> dict:
     labels = torch.randint(0, vocab, (tokens,), generator=g)
     logp = torch.log_softmax(teacher[:, : min(vocab, 65536)], -1)  # kept entries: a top-k
     values, index = logp.topk(keep, -1)
-    return {"student": student, "teacher": teacher, "labels": labels, "idx": index,
-            "logp": values}
+    return {"student": student, "teacher": teacher, "labels": labels, "idx": index, "logp": values}
 
 
 def run_eager(inputs: dict, loss: str, alpha: float = 0.9, tau: float = 1.0):
@@ -66,8 +65,15 @@ def run_eager(inputs: dict, loss: str, alpha: float = 0.9, tau: float = 1.0):
     return x.grad
 
 
-def run_fused(inputs: dict, loss: str, alpha: float = 0.9, tau: float = 1.0, group=None,
-              rank: int = 0, world: int = 1):
+def run_fused(
+    inputs: dict,
+    loss: str,
+    alpha: float = 0.9,
+    tau: float = 1.0,
+    group=None,
+    rank: int = 0,
+    world: int = 1,
+):
     import torch.distributed as dist
 
     from megatron_pd.loss.spec import DenseTeacher, LossSpec, SparseTeacher
@@ -86,9 +92,15 @@ def run_fused(inputs: dict, loss: str, alpha: float = 0.9, tau: float = 1.0, gro
         kind = loss
     spec = LossSpec(kind=kind, alpha=alpha, tau=tau)
     # metrics=False: the eager baseline computes no teacher entropy / top-1 agreement either.
-    out = fused_distill_loss(x, inputs["labels"], teacher, spec,
-                             VocabInfo(vocab, vocab, world, rank), group or dist.group.WORLD,
-                             metrics=False)
+    out = fused_distill_loss(
+        x,
+        inputs["labels"],
+        teacher,
+        spec,
+        VocabInfo(vocab, vocab, world, rank),
+        group or dist.group.WORLD,
+        metrics=False,
+    )
     out["loss"].sum().backward()
     return x.grad
 
@@ -139,8 +151,9 @@ class _AllocationCounter(torch.utils._python_dispatch.TorchDispatchMode):
 def _init_gloo(rank: int, world: int, port: int) -> None:
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world)
+    )
     dist.init_process_group("gloo", rank=rank, world_size=world)
 
 
@@ -150,6 +163,7 @@ def measure_memory_child(args) -> dict:
     torch.set_num_threads(1)
     _init_gloo(rank, world, args.port)
     import megatron_pd.loss.vocab_parallel  # noqa: F401  (imports are not the loss's memory)
+
     inputs = make_inputs(args.tokens, args.vocab, args.keep)
     if args.impl == "fused" and world > 1:  # keep only this rank's shard, as TP would
         width = args.vocab // world
@@ -169,13 +183,21 @@ def measure_memory_child(args) -> dict:
             from megatron_pd.models.gpt import VocabInfo
 
             x = inputs["student"].detach().requires_grad_()
-            teacher = (SparseTeacher(inputs["idx"], inputs["logp"])
-                       if args.loss == "sparse_topk" else DenseTeacher(inputs["teacher"]))
+            teacher = (
+                SparseTeacher(inputs["idx"], inputs["logp"])
+                if args.loss == "sparse_topk"
+                else DenseTeacher(inputs["teacher"])
+            )
             kind = "soft_ce" if args.loss == "sparse_topk" else args.loss
-            out = fused_distill_loss(x, inputs["labels"], teacher,
-                                     LossSpec(kind=kind, alpha=0.9),
-                                     VocabInfo(args.vocab, args.vocab, world, rank),
-                                     dist.group.WORLD, metrics=False)
+            out = fused_distill_loss(
+                x,
+                inputs["labels"],
+                teacher,
+                LossSpec(kind=kind, alpha=0.9),
+                VocabInfo(args.vocab, args.vocab, world, rank),
+                dist.group.WORLD,
+                metrics=False,
+            )
             out["loss"].sum().backward()
         else:
             run_fused(inputs, args.loss)
@@ -188,12 +210,17 @@ def measure_memory_child(args) -> dict:
     counter = _AllocationCounter()  # a second, separate run counts the allocations
     with counter:
         once()
-    return {"extra_mb": (peak - before) / 1024, "exact_peak": exact,
-            "alloc_bytes": counter.bytes, "elements": args.tokens * args.vocab // world}
+    return {
+        "extra_mb": (peak - before) / 1024,
+        "exact_peak": exact,
+        "alloc_bytes": counter.bytes,
+        "elements": args.tokens * args.vocab // world,
+    }
 
 
-def measure_memory(impl: str, loss: str, vocab: int, tokens: int, keep: int,
-                   world: int = 1) -> list:
+def measure_memory(
+    impl: str, loss: str, vocab: int, tokens: int, keep: int, world: int = 1
+) -> list:
     """Spawn ``world`` fresh processes; returns their results."""
     import socket
 
@@ -202,13 +229,33 @@ def measure_memory(impl: str, loss: str, vocab: int, tokens: int, keep: int,
         port = sock.getsockname()[1]
     procs = [
         subprocess.Popen(
-            [sys.executable, __file__, "--child", "--impl", impl, "--losses", loss,
-             "--vocab", str(vocab), "--tokens", str(tokens), "--keep", str(keep),
-             "--rank", str(rank), "--world", str(world), "--port", str(port)],
-            stdout=subprocess.PIPE, text=True,
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                "--impl",
+                impl,
+                "--losses",
+                loss,
+                "--vocab",
+                str(vocab),
+                "--tokens",
+                str(tokens),
+                "--keep",
+                str(keep),
+                "--rank",
+                str(rank),
+                "--world",
+                str(world),
+                "--port",
+                str(port),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
             # A fixed mmap threshold: every big buffer is returned to the OS when freed, so the
             # peak RSS is the peak of live allocations, not of glibc's arena growth.
-            env=dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536"))
+            env=dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536"),
+        )
         for rank in range(world)
     ]
     results = []
@@ -274,11 +321,15 @@ def main(argv=None) -> int:
     quiet_known_warnings()
     torch.set_num_threads(args.threads)
     _init_gloo(0, 1, _free_port())
-    print(f"fused vs eager, {args.tokens} tokens, fp32 logits on CPU, {args.threads} thread(s), "
-          f"objective 0.1*CE + 0.9*KD, sparse keeps {args.keep} entries/token\n")
-    header = ("| V | loss | time eager s | time fused s | time ratio | peak extra eager MB | "
-              "peak extra fused MB | memory ratio | bytes/elem eager | bytes/elem fused | "
-              "max grad diff |")
+    print(
+        f"fused vs eager, {args.tokens} tokens, fp32 logits on CPU, {args.threads} thread(s), "
+        f"objective 0.1*CE + 0.9*KD, sparse keeps {args.keep} entries/token\n"
+    )
+    header = (
+        "| V | loss | time eager s | time fused s | time ratio | peak extra eager MB | "
+        "peak extra fused MB | memory ratio | bytes/elem eager | bytes/elem fused | "
+        "max grad diff |"
+    )
     print(header)
     print("|---" * 11 + "|")
     rows = []
@@ -287,22 +338,32 @@ def main(argv=None) -> int:
         for loss in args.losses:
             eager_s, fused_s = time_both(inputs, loss, args.repeats)
             diff = check_agreement(inputs, loss)
-            mem = {impl: measure_memory(impl, loss, vocab, args.tokens, args.keep)[0]
-                   for impl in ("eager", "fused")}
+            mem = {
+                impl: measure_memory(impl, loss, vocab, args.tokens, args.keep)[0]
+                for impl in ("eager", "fused")
+            }
             elements = args.tokens * vocab
             row = {
-                "vocab": vocab, "loss": loss, "eager_s": eager_s, "fused_s": fused_s,
+                "vocab": vocab,
+                "loss": loss,
+                "eager_s": eager_s,
+                "fused_s": fused_s,
                 "time_ratio": fused_s / eager_s,
-                "eager_mb": mem["eager"]["extra_mb"], "fused_mb": mem["fused"]["extra_mb"],
+                "eager_mb": mem["eager"]["extra_mb"],
+                "fused_mb": mem["fused"]["extra_mb"],
                 "memory_ratio": mem["fused"]["extra_mb"] / mem["eager"]["extra_mb"],
                 "eager_bpe": mem["eager"]["alloc_bytes"] / elements,
-                "fused_bpe": mem["fused"]["alloc_bytes"] / elements, "grad_diff": diff,
+                "fused_bpe": mem["fused"]["alloc_bytes"] / elements,
+                "grad_diff": diff,
             }
             rows.append(row)
-            print(f"| {vocab} | {loss} | {eager_s:.3f} | {fused_s:.3f} | "
-                  f"{row['time_ratio']:.2f} | {row['eager_mb']:.0f} | {row['fused_mb']:.0f} | "
-                  f"{row['memory_ratio']:.2f} | {row['eager_bpe']:.1f} | {row['fused_bpe']:.1f} | "
-                  f"{diff:.1e} |", flush=True)
+            print(
+                f"| {vocab} | {loss} | {eager_s:.3f} | {fused_s:.3f} | "
+                f"{row['time_ratio']:.2f} | {row['eager_mb']:.0f} | {row['fused_mb']:.0f} | "
+                f"{row['memory_ratio']:.2f} | {row['eager_bpe']:.1f} | {row['fused_bpe']:.1f} | "
+                f"{diff:.1e} |",
+                flush=True,
+            )
         del inputs
     if not args.no_tp:
         vocab = args.vocab[0]
@@ -310,8 +371,10 @@ def main(argv=None) -> int:
         one = measure_memory("fused", "forward_kl", vocab, args.tokens, args.keep)[0]
         two = measure_memory("fused", "forward_kl", vocab, args.tokens, args.keep, world=2)
         worst = max(r["extra_mb"] for r in two)
-        print(f"TP=1 {one['extra_mb']:.0f} MB, TP=2 max per rank {worst:.0f} MB, "
-              f"ratio {worst / one['extra_mb']:.2f} (target <= 0.6)")
+        print(
+            f"TP=1 {one['extra_mb']:.0f} MB, TP=2 max per rank {worst:.0f} MB, "
+            f"ratio {worst / one['extra_mb']:.2f} (target <= 0.6)"
+        )
     print("\nFused path, analytic HBM traffic with bf16 logits, roofline on one H200 (4.8 TB/s):")
     print("| V | loss | bytes/token | roofline tokens/s |")
     print("|---|---|---|---|")
@@ -321,8 +384,10 @@ def main(argv=None) -> int:
             print(f"| {vocab} | {loss} | {per_token:,} | {H200_BYTES_PER_S / per_token:,.0f} |")
     ratios_t = [r["time_ratio"] for r in rows]
     ratios_m = [r["memory_ratio"] for r in rows]
-    print(f"\nworst time ratio {max(ratios_t):.2f} (target <= 0.5), worst memory ratio "
-          f"{max(ratios_m):.2f} (target <= 0.40, stretch 0.25)")
+    print(
+        f"\nworst time ratio {max(ratios_t):.2f} (target <= 0.5), worst memory ratio "
+        f"{max(ratios_m):.2f} (target <= 0.40, stretch 0.25)"
+    )
     return 0
 
 

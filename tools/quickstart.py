@@ -53,14 +53,22 @@ def stage_data(workdir: str) -> dict:
 def torchrun(nproc: int, config: str, overrides: list, log_path: str) -> None:
     """Run megatron_pd.train under torchrun; output goes to the console and to a log file."""
     command = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-        "-m", "megatron_pd.train", "--config", config, *overrides,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "megatron_pd.train",
+        "--config",
+        config,
+        *overrides,
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     with open(log_path, "a") as log:
-        proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, cwd=REPO)
+        proc = subprocess.Popen(
+            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO
+        )
         for line in proc.stdout:
             log.write(line)
             if not line.startswith(("W1", "*****", "Setting OMP_NUM_THREADS")):
@@ -69,8 +77,9 @@ def torchrun(nproc: int, config: str, overrides: list, log_path: str) -> None:
             raise SystemExit(f"training failed (exit {proc.returncode}); log: {log_path}")
 
 
-def stage_pretrain(workdir: str, data: dict, nproc: int, steps: int | None, name: str,
-                   config: str, extra: list) -> str:
+def stage_pretrain(
+    workdir: str, data: dict, nproc: int, steps: int | None, name: str, config: str, extra: list
+) -> str:
     run_dir = os.path.join(workdir, name)
     overrides = [
         f"--run_dir={run_dir}",
@@ -81,17 +90,22 @@ def stage_pretrain(workdir: str, data: dict, nproc: int, steps: int | None, name
     ]
     if steps is not None:
         overrides.append(f"--train.train_steps={steps}")
-    print(f"[{name}] torchrun --nproc_per_node={nproc} -m megatron_pd.train --config {config} "
-          + " ".join(overrides))
+    print(
+        f"[{name}] torchrun --nproc_per_node={nproc} -m megatron_pd.train --config {config} "
+        + " ".join(overrides)
+    )
     torchrun(nproc, os.path.join(REPO, config), overrides, os.path.join(run_dir, "train.log"))
     return run_dir
 
 
 def validation_table(runs: dict) -> str:
     """Markdown table: validation loss of each run at each evaluation step."""
-    curves = {name: {r["step"]: r["loss"] for r in read_metrics(os.path.join(d, "metrics.jsonl"),
-                                                               "valid")}
-              for name, d in runs.items()}
+    curves = {
+        name: {
+            r["step"]: r["loss"] for r in read_metrics(os.path.join(d, "metrics.jsonl"), "valid")
+        }
+        for name, d in runs.items()
+    }
     steps = sorted({s for curve in curves.values() for s in curve})
     lines = ["| step | " + " | ".join(curves) + " |", "|---" * (len(curves) + 1) + "|"]
     for step in steps:
@@ -113,11 +127,19 @@ def plot_curves(runs: dict, path: str, title: str) -> None:
         valid = read_metrics(metrics, "valid")
         steps = [r["step"] for r in train]
         window = 10
-        smooth = [sum(r["loss"] for r in train[max(0, i - window + 1): i + 1])
-                  / (i - max(0, i - window + 1) + 1) for i in range(len(train))]
-        line, = ax.plot(steps, smooth, alpha=0.5, label=f"{name} train (10-step mean)")
-        ax.plot([r["step"] for r in valid], [r["loss"] for r in valid], "o-",
-                color=line.get_color(), label=f"{name} validation")
+        smooth = [
+            sum(r["loss"] for r in train[max(0, i - window + 1) : i + 1])
+            / (i - max(0, i - window + 1) + 1)
+            for i in range(len(train))
+        ]
+        (line,) = ax.plot(steps, smooth, alpha=0.5, label=f"{name} train (10-step mean)")
+        ax.plot(
+            [r["step"] for r in valid],
+            [r["loss"] for r in valid],
+            "o-",
+            color=line.get_color(),
+            label=f"{name} validation",
+        )
     ax.set_xlabel("step")
     ax.set_ylabel("LM loss (nats/token)")
     ax.set_title(title)
@@ -137,8 +159,9 @@ def main(argv=None) -> int:
     start = time.monotonic()
     workdir = os.path.abspath(args.workdir)
     data = stage_data(workdir)
-    lm = stage_pretrain(workdir, data, args.nproc, args.steps, "lm",
-                        "examples/configs/quickstart_lm.yaml", [])
+    lm = stage_pretrain(
+        workdir, data, args.nproc, args.steps, "lm", "examples/configs/quickstart_lm.yaml", []
+    )
     runs = {"lm": lm}
     print("\nValidation loss (nats/token) on held-out stdlib files:\n")
     print(validation_table(runs))

@@ -13,7 +13,8 @@ import difflib
 import os
 import tempfile
 import typing
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import yaml
 
@@ -29,7 +30,9 @@ def parse_overrides(args: Iterable[str]) -> list:
     while i < len(args):
         arg = args[i]
         if not arg.startswith("--") or len(arg) == 2:
-            raise ValueError(f"unexpected argument {arg!r}: overrides look like --section.field=value")
+            raise ValueError(
+                f"unexpected argument {arg!r}: overrides look like --section.field=value"
+            )
         key = arg[2:]
         if "=" in key:
             key, text = key.split("=", 1)

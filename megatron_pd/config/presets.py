@@ -78,16 +78,28 @@ MODEL_PRESETS: dict = {
     ),
     # CPU-sized models for tests and the quickstart (vocabulary from the tokenizer).
     "tiny": dict(
-        hidden_size=64, ffn_hidden_size=176, num_layers=2, num_attention_heads=4,
-        num_query_groups=2, tie_embeddings=True,
+        hidden_size=64,
+        ffn_hidden_size=176,
+        num_layers=2,
+        num_attention_heads=4,
+        num_query_groups=2,
+        tie_embeddings=True,
     ),
     "tiny-student": dict(
-        hidden_size=96, ffn_hidden_size=256, num_layers=2, num_attention_heads=4,
-        num_query_groups=2, tie_embeddings=True,
+        hidden_size=96,
+        ffn_hidden_size=256,
+        num_layers=2,
+        num_attention_heads=4,
+        num_query_groups=2,
+        tie_embeddings=True,
     ),
     "tiny-teacher": dict(
-        hidden_size=192, ffn_hidden_size=512, num_layers=4, num_attention_heads=8,
-        num_query_groups=4, tie_embeddings=False,
+        hidden_size=192,
+        ffn_hidden_size=512,
+        num_layers=4,
+        num_attention_heads=8,
+        num_query_groups=4,
+        tie_embeddings=False,
     ),
 }
 

@@ -10,7 +10,7 @@ naming ``section.field`` and the offending value; checks that span sections live
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Optional
 
 SCHEDULE_STYLES = ("constant", "linear", "cosine", "wsd", "periodic")
@@ -312,6 +312,24 @@ def _lr_schedule_default() -> ScheduleConfig:
 
 
 @dataclass
+class LossConfig:
+    """How the (distillation) loss is computed; what it computes lives in ``distill``."""
+
+    implementation: str = "auto"
+    """auto (triton on CUDA, else torch), torch (fused vocab-parallel), triton (GPU kernels;
+    an error where Triton cannot run) or reference (gathers the vocabulary; debugging)."""
+    chunk_tokens: Optional[int] = None
+    """Tokens per chunk of the torch path; None sizes chunks to ~4 MB of fp32 per buffer."""
+
+    def __post_init__(self):
+        _choice(
+            "loss.implementation", self.implementation, ("auto", "torch", "triton", "reference")
+        )
+        if self.chunk_tokens is not None:
+            _positive("loss.chunk_tokens", self.chunk_tokens)
+
+
+@dataclass
 class CheckpointConfig:
     """Checkpoint saving (megatron dist_checkpointing) and resumption."""
 
@@ -363,6 +381,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     lr_schedule: ScheduleConfig = field(default_factory=_lr_schedule_default)
+    loss: LossConfig = field(default_factory=LossConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -439,4 +458,3 @@ class Config:
             return self.train.train_steps
         tokens_per_step = self.train.global_batch_size * self.data.seq_length
         return math.ceil(self.train.train_tokens / tokens_per_step)
-

@@ -4,9 +4,9 @@ The train/valid/test splits come from megatron's BlendedMegatronDatasetBuilder (
 document split, seeded shuffle). Sample order is a pure function of ``data.seed``; after ``c``
 consumed samples the next global batch is samples ``[c, c+G)`` of the train split (G = global
 batch size) and data-parallel rank ``r`` takes the ``r``-th contiguous block of it, so
-resumption (with any DP size, even another global batch size) continues the same sequence. Validation always uses the same first
-``eval_batches`` global batches of the valid split, so validation losses are comparable
-across a run.
+resumption (with any DP size, even another global batch size) continues the same sequence.
+Validation always uses the same first ``eval_batches`` global batches of the valid split, so
+validation losses are comparable across a run.
 """
 
 from __future__ import annotations
@@ -21,8 +21,16 @@ import torch
 
 _IDX_MAGIC = b"MMIDIDX\x00\x00"
 _DTYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 4, 7: 8, 8: 2}  # megatron DType codes
-_DTYPE_NAMES = {1: "uint8", 2: "int8", 3: "int16", 4: "int32", 5: "int64", 6: "float32",
-                7: "float64", 8: "uint16"}
+_DTYPE_NAMES = {
+    1: "uint8",
+    2: "int8",
+    3: "int16",
+    4: "int32",
+    5: "int64",
+    6: "float32",
+    7: "float64",
+    8: "uint16",
+}
 
 
 @dataclass
@@ -104,9 +112,7 @@ def parse_blend(blend: list) -> tuple:
             raise ValueError(f"data.blend weights {weights} must be >= 0 and not all zero")
         return prefixes, weights
     if any(is_number(p) for p in blend):
-        raise ValueError(
-            f"data.blend={blend}: give either prefixes only or weight, prefix pairs"
-        )
+        raise ValueError(f"data.blend={blend}: give either prefixes only or weight, prefix pairs")
     return list(blend), None
 
 

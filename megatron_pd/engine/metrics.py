@@ -136,9 +136,16 @@ class MetricsLogger:
 
 def _tb_name(split: str, name: str) -> str:
     groups = {
-        "loss": "loss", "lm_loss": "loss", "kd_loss": "loss", "lr": "optim",
-        "grad_norm": "optim", "tokens_per_s": "throughput", "samples_per_s": "throughput",
-        "mfu": "throughput", "tflops": "throughput", "step_time_s": "throughput",
+        "loss": "loss",
+        "lm_loss": "loss",
+        "kd_loss": "loss",
+        "lr": "optim",
+        "grad_norm": "optim",
+        "tokens_per_s": "throughput",
+        "samples_per_s": "throughput",
+        "mfu": "throughput",
+        "tflops": "throughput",
+        "step_time_s": "throughput",
     }
     return f"{split}/{groups.get(name, 'misc')}/{name}" if split == "train" else f"{split}/{name}"
 

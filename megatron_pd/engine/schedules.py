@@ -34,7 +34,9 @@ def warmup_steps(cfg: ScheduleConfig, total_steps: int) -> int:
 
 def decay_start(cfg: ScheduleConfig, total_steps: int) -> int:
     """First step of the WSD decay phase."""
-    return max(warmup_steps(cfg, total_steps), total_steps - int(round(cfg.decay_fraction * total_steps)))
+    return max(
+        warmup_steps(cfg, total_steps), total_steps - int(round(cfg.decay_fraction * total_steps))
+    )
 
 
 def _decay(cfg: ScheduleConfig, q: float) -> float:

@@ -18,8 +18,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_pd.config.schema import Config
+from megatron_pd.loss.objective import distillation_loss, resolve_implementation
 from megatron_pd.loss.spec import LossSpec
-from megatron_pd.loss.vocab_parallel import fused_distill_loss
 from megatron_pd.models.gpt import (
     VocabInfo,
     build_gpt_model,
@@ -27,7 +27,6 @@ from megatron_pd.models.gpt import (
     padded_vocab_size,
     seed_rngs,
 )
-
 
 _LM_ONLY = LossSpec(alpha=0.0)  # plain next-token cross-entropy over the true vocabulary
 
@@ -66,6 +65,7 @@ class TrainModule:
 
         self.cfg = cfg
         self.groups = groups
+        self.loss_impl = resolve_implementation(cfg.loss.implementation)
         self.dp_size = dp_size
         self.tp_size = dist.get_world_size(groups.tp)
         self.pp_size = dist.get_world_size(groups.pp)
@@ -145,9 +145,15 @@ class TrainModule:
         The LM module has one term; the distillation module overrides this.
         """
         labels_N = batch["labels"].reshape(-1)
-        out = fused_distill_loss(
-            logits_BSv.reshape(-1, logits_BSv.shape[-1]), labels_N, None, _LM_ONLY, self.vocab,
+        out = distillation_loss(
+            logits_BSv.reshape(-1, logits_BSv.shape[-1]),
+            labels_N,
+            None,
+            _LM_ONLY,
+            self.vocab,
             self.groups.tp,
+            impl=self.loss_impl,
+            chunk_tokens=self.cfg.loss.chunk_tokens,
         )
         return {"loss": out["loss"], "lm_loss": out["lm"]}
 
@@ -167,9 +173,7 @@ class TrainModule:
 
     def _forward_step(self, data_iterator, model):
         batch = self._to_device(next(data_iterator))
-        logits_BSv = model(
-            batch["tokens"], batch["position_ids"], self._attention_mask
-        )
+        logits_BSv = model(batch["tokens"], batch["position_ids"], self._attention_mask)
         return logits_BSv, functools.partial(self._loss_func, batch)
 
     # ----------------------------------------------------------------- steps
@@ -191,9 +195,11 @@ class TrainModule:
             self._report_names = _broadcast_names(names, self.groups.pp, self.pp_size)
         names = self._report_names
         if reports:
-            totals = torch.stack(
-                [torch.stack([r[n].float() for n in names]) for r in reports]
-            ).sum(0).double()
+            totals = (
+                torch.stack([torch.stack([r[n].float() for n in names]) for r in reports])
+                .sum(0)
+                .double()
+            )
         else:
             totals = torch.zeros(len(names), dtype=torch.float64, device=self.device)
         totals = totals.to(self.device)

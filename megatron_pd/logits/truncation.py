@@ -82,13 +82,17 @@ def _keep_counts(logp_sorted_NK: torch.Tensor, spec: TruncationSpec) -> torch.Te
     # must not keep the whole cap because of rounding below 1).
     short = before < spec.top_p - (1e-6 if spec.top_p >= 1.0 else 0.0)
     count = short.sum(-1)
-    upper = logp_sorted_NK.shape[-1] if spec.top_k is None else min(spec.top_k,
-                                                                    logp_sorted_NK.shape[-1])
+    upper = (
+        logp_sorted_NK.shape[-1]
+        if spec.top_k is None
+        else min(spec.top_k, logp_sorted_NK.shape[-1])
+    )
     return count.clamp(min=min(spec.min_k, upper), max=upper)
 
 
-def truncate_dense(teacher_logits_NV: torch.Tensor, true_vocab: int,
-                   spec: TruncationSpec) -> SparseTeacher:
+def truncate_dense(
+    teacher_logits_NV: torch.Tensor, true_vocab: int, spec: TruncationSpec
+) -> SparseTeacher:
     """Single-device reference: full sort of the true vocabulary. [N, K] ids and log-probs."""
     logits = teacher_logits_NV[:, :true_vocab].double()
     logp = torch.log_softmax(logits, -1)
@@ -127,7 +131,7 @@ def truncate_vocab_parallel(
     width = 2 * spec.slots + 2
     rows = torch.empty(num_tokens, width, device=teacher_logits_Nv.device)
     rows[:, : 2 * spec.slots] = NEG
-    rows[:, spec.slots: 2 * spec.slots] = -1.0  # candidate ids (as floats, exact below 2^24)
+    rows[:, spec.slots : 2 * spec.slots] = -1.0  # candidate ids (as floats, exact below 2^24)
     for start in range(0, num_tokens, chunk_tokens):
         end = min(start + chunk_tokens, num_tokens)
         block = teacher_logits_Nv[start:end, :valid].float()
@@ -138,12 +142,12 @@ def truncate_vocab_parallel(
         values, local_ids = block.topk(k_local, dim=-1)
         local_max = values[:, 0]
         rows[start:end, :k_local] = values
-        rows[start:end, spec.slots: spec.slots + k_local] = (local_ids + vocab.shard_start).float()
+        rows[start:end, spec.slots : spec.slots + k_local] = (local_ids + vocab.shard_start).float()
         rows[start:end, -2] = local_max
         rows[start:end, -1] = (block - local_max[:, None]).exp().sum(-1)
     gathered = all_gather_stacked(rows, tp_group)  # [R, N, width]
     values = gathered[..., : spec.slots].permute(1, 0, 2).reshape(num_tokens, -1)
-    ids = gathered[..., spec.slots: 2 * spec.slots].permute(1, 0, 2).reshape(num_tokens, -1)
+    ids = gathered[..., spec.slots : 2 * spec.slots].permute(1, 0, 2).reshape(num_tokens, -1)
     local_max, local_sum = gathered[..., -2], gathered[..., -1]
     global_max = local_max.max(0).values
     lse = global_max + (local_sum * (local_max - global_max).exp()).sum(0).log()
@@ -157,8 +161,9 @@ def truncate_vocab_parallel(
 def truncation_stats(teacher: SparseTeacher) -> dict:
     """Mean kept entries per token and mean kept probability mass (tau = 1)."""
     counts = teacher.kept_counts().float()
-    mass = torch.where(teacher.valid, teacher.logprobs.float().exp(),
-                       torch.zeros_like(teacher.logprobs.float())).sum(-1)
+    mass = torch.where(
+        teacher.valid, teacher.logprobs.float().exp(), torch.zeros_like(teacher.logprobs.float())
+    ).sum(-1)
     return {
         "kept_per_token": counts.mean().item() if counts.numel() else math.nan,
         "kept_mass": mass.mean().item() if mass.numel() else math.nan,

@@ -113,8 +113,9 @@ class SparseTeacher:
         return self.valid.sum(dim=-1)
 
 
-def sparse_teacher_distribution(teacher: SparseTeacher, tau: float, tail: bool,
-                                dtype: torch.dtype = torch.float32) -> tuple:
+def sparse_teacher_distribution(
+    teacher: SparseTeacher, tau: float, tail: bool, dtype: torch.dtype = torch.float32
+) -> tuple:
     """(T [N, K], r [N]): teacher probabilities of the kept entries and the tail mass.
 
     T = (1 - r) * softmax(logprob / tau) over the kept entries when ``tail``, else the plain

@@ -62,8 +62,9 @@ RULES = {
 }
 
 
-def needed_stats(spec: LossSpec, teacher_kind: str | None, with_labels: bool,
-                 metrics: bool = True) -> list:
+def needed_stats(
+    spec: LossSpec, teacher_kind: str | None, with_labels: bool, metrics: bool = True
+) -> list:
     """Names of the summed statistics this loss needs ("m_s"/"m_t" maxima come first).
 
     ``metrics`` adds what the teacher entropy and the top-1 agreement need.
@@ -211,22 +212,27 @@ def chunk_local_stats(
             diff = torch.sub(s, t, out=ws.get("diff", num))
             out["sq"] = rowdot(diff, diff)
     if sparse is not None:
-        owned = sparse["owned"]
-        kept_shifted = shifted_s.gather(1, sparse["local"])
-        kept_exp = torch.where(owned, kept_shifted.exp(), torch.zeros_like(kept_shifted))
-        T = sparse["T"]
-        out["k_z"] = kept_exp.sum(-1)
-        if "k_qs" in names:
-            out["k_qs"] = torch.where(owned, T * kept_shifted, torch.zeros_like(T)).sum(-1)
-            out["k_t"] = torch.where(owned, T, torch.zeros_like(T)).sum(-1)
-        if "k_zs" in names:
-            out["k_zs"] = (kept_exp * kept_shifted).sum(-1)
-            log_T = torch.where(owned & (T > 0), T.clamp_min(1e-38).log(), torch.zeros_like(T))
-            out["k_zlogT"] = (kept_exp * log_T).sum(-1)
-        if "k_zz" in names:
-            out["k_zz"] = (kept_exp * kept_exp).sum(-1)
-            out["k_zt"] = (kept_exp * T).sum(-1)
+        out.update(sparse_kept_stats(shifted_s.gather(1, sparse["local"]), sparse, names))
     return torch.stack([m_s, m_t] + [out[n] for n in names], dim=-1)
+
+
+def sparse_kept_stats(kept_shifted: torch.Tensor, sparse: dict, names: list) -> dict:
+    """The k_* sums over this shard's kept entries [C, K], given the student logits at those
+    entries divided by tau_s and shifted by the local maximum."""
+    owned, T = sparse["owned"], sparse["T"]
+    kept_exp = torch.where(owned, kept_shifted.exp(), torch.zeros_like(kept_shifted))
+    out = {"k_z": kept_exp.sum(-1)}
+    if "k_qs" in names:
+        out["k_qs"] = torch.where(owned, T * kept_shifted, torch.zeros_like(T)).sum(-1)
+        out["k_t"] = torch.where(owned, T, torch.zeros_like(T)).sum(-1)
+    if "k_zs" in names:
+        out["k_zs"] = (kept_exp * kept_shifted).sum(-1)
+        log_T = torch.where(owned & (T > 0), T.clamp_min(1e-38).log(), torch.zeros_like(T))
+        out["k_zlogT"] = (kept_exp * log_T).sum(-1)
+    if "k_zz" in names:
+        out["k_zz"] = (kept_exp * kept_exp).sum(-1)
+        out["k_zt"] = (kept_exp * T).sum(-1)
+    return out
 
 
 # ---------------------------------------------------------------------------- merge
@@ -280,8 +286,13 @@ def _log(x):
     return torch.log(x.clamp_min(1e-38))
 
 
-def finalize(merged: dict, spec: LossSpec, teacher_kind: str | None, sparse_info: dict | None,
-             true_vocab: int) -> dict:
+def finalize(
+    merged: dict,
+    spec: LossSpec,
+    teacher_kind: str | None,
+    sparse_info: dict | None,
+    true_vocab: int,
+) -> dict:
     """Per-token values from merged statistics.
 
     Returns {"lm", "kd", "lse_s", "lse_t", "lse_1", "W", "a", ...}: the losses (kd already
@@ -338,7 +349,7 @@ def _finalize_dense(merged, spec, values, true_vocab):
 
 
 def _finalize_sparse(merged, spec, values, info):
-    z_s, lse_s = merged["z_s"], values["lse_s"]
+    z_s = merged["z_s"]
     log_z = _log(z_s)
     P_K = (merged["k_z"] / z_s).clamp(0.0, 1.0)
     G = (1.0 - P_K).clamp_min(0.0)  # the student's mass outside the kept set

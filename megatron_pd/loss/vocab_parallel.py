@@ -23,9 +23,11 @@ from __future__ import annotations
 import torch
 
 from megatron_pd.loss import stats as S
+from megatron_pd.loss import triton_kernels as TK
 from megatron_pd.loss.spec import DenseTeacher, LossSpec, SparseTeacher, sparse_teacher_distribution
 from megatron_pd.models.gpt import VocabInfo
 from megatron_pd.parallel.collectives import all_gather_stacked, all_reduce_sum
+
 
 def default_chunk_tokens(shard_width: int, tp_size: int = 1) -> int:
     """Tokens per chunk: rows of the *full* vocabulary in 4 MB of fp32 (so each rank's [C, v]
@@ -75,13 +77,28 @@ class FusedDistillLossFunction(torch.autograd.Function):
     """Per-token (1 - alpha) * CE + alpha * KD over vocab-sharded logits. See module doc."""
 
     @staticmethod
-    def forward(ctx, student_Nv, labels_N, teacher_dense_Nv, teacher_idx_NK, teacher_logp_NK,
-                spec: LossSpec, vocab: VocabInfo, tp_group, chunk_tokens: int, stats_log: list,
-                metrics: bool = True):
+    def forward(
+        ctx,
+        student_Nv,
+        labels_N,
+        teacher_dense_Nv,
+        teacher_idx_NK,
+        teacher_logp_NK,
+        spec: LossSpec,
+        vocab: VocabInfo,
+        tp_group,
+        chunk_tokens: int,
+        stats_log: list,
+        metrics: bool = True,
+        impl: str = "torch",
+    ):
         num_tokens = student_Nv.shape[0]
         valid = vocab.valid_in_shard
-        kind = "dense" if teacher_dense_Nv is not None else (
-            "sparse" if teacher_idx_NK is not None else None)
+        kind = (
+            "dense"
+            if teacher_dense_Nv is not None
+            else ("sparse" if teacher_idx_NK is not None else None)
+        )
         with_labels = labels_N is not None
         names = S.needed_stats(spec, kind, with_labels, metrics)
         sparse = None
@@ -90,46 +107,87 @@ class FusedDistillLossFunction(torch.autograd.Function):
         labels_local = (labels_N - vocab.shard_start) if with_labels else None
         device = student_Nv.device
 
+        tau_s = spec.tau_student if kind else 1.0
+        teacher_valid = teacher_dense_Nv[:, :valid] if kind == "dense" else None
         # 1. local statistics, one read of the logits
-        local = torch.empty(num_tokens, 2 + len(names), device=device)
-        ws = S.Workspace(min(chunk_tokens, num_tokens), valid, device)
-        for start, end in _chunks(num_tokens, chunk_tokens):
-            local[start:end] = S.chunk_local_stats(
-                student_Nv[start:end, :valid],
-                teacher_dense_Nv[start:end, :valid] if kind == "dense" else None,
-                _slice_sparse(sparse, start, end),
-                labels_local[start:end] if with_labels else None,
-                spec, names, vocab.shard_start, ws,
+        if impl == "triton":
+            local = TK.row_stats(
+                student_Nv[:, :valid],
+                teacher_valid,
+                labels_local,
+                names,
+                spec,
+                tau_s,
+                vocab.shard_start,
             )
+            if sparse is not None and valid > 0:
+                shifted = student_Nv[:, :valid].gather(1, sparse["local"]).float() / tau_s
+                shifted = shifted - local[:, :1]
+                kept = S.sparse_kept_stats(shifted, _gathered_view(sparse), names)
+                for name, value in kept.items():
+                    local[:, 2 + names.index(name)] = value
+        else:
+            local = torch.empty(num_tokens, 2 + len(names), device=device)
+            ws = S.Workspace(min(chunk_tokens, num_tokens), valid, device)
+            for start, end in _chunks(num_tokens, chunk_tokens):
+                local[start:end] = S.chunk_local_stats(
+                    student_Nv[start:end, :valid],
+                    teacher_valid[start:end] if kind == "dense" else None,
+                    _slice_sparse(sparse, start, end),
+                    labels_local[start:end] if with_labels else None,
+                    spec,
+                    names,
+                    vocab.shard_start,
+                    ws,
+                )
         # 2. one all-gather of the per-token rows; exact merge on every rank
         gathered = all_gather_stacked(local, tp_group)
         stats_log.append("all_gather")
-        tau_s = spec.tau_student if kind else 1.0
         merged = S.merge_stats(gathered, names, tau_s)
         values = S.finalize(merged, spec, kind, sparse, vocab.true_size)
 
         # 3. JSD: second read for the log-mixture terms, one SUM all-reduce
         if S.has_second_pass(spec, kind):
-            sums = torch.zeros(num_tokens, 2, device=device)
-            for start, end in _chunks(num_tokens, chunk_tokens):
-                sums[start:end] = _jsd_chunk_sums(
-                    student_Nv[start:end, :valid],
-                    teacher_dense_Nv[start:end, :valid] if kind == "dense" else None,
-                    _slice_sparse(sparse, start, end), values, start, end, spec, tau_s)
+            if impl == "triton" and kind == "dense":
+                sums = TK.jsd_sums(
+                    student_Nv[:, :valid],
+                    teacher_valid,
+                    values["lse_s"],
+                    values["lse_t"],
+                    spec,
+                    tau_s,
+                )
+            else:
+                sums = torch.zeros(num_tokens, 2, device=device)
+                for start, end in _chunks(num_tokens, chunk_tokens):
+                    sums[start:end] = _jsd_chunk_sums(
+                        student_Nv[start:end, :valid],
+                        teacher_valid[start:end] if kind == "dense" else None,
+                        _slice_sparse(sparse, start, end),
+                        values,
+                        start,
+                        end,
+                        spec,
+                        tau_s,
+                    )
             all_reduce_sum(sums, tp_group)
             stats_log.append("all_reduce")
             kd, W = sums[:, 0], sums[:, 1]
             if kind == "sparse":
                 outside_value, outside_weighted, a = S.jsd_outside_terms(
-                    spec, values["G"], sparse["r"])
+                    spec, values["G"], sparse["r"]
+                )
                 kd, W = kd + outside_value, W + outside_weighted
                 values["a"] = a
             values["kd"] = kd * spec.kd_scale
             values["W"] = W
 
         zero = torch.zeros(num_tokens, device=device)
-        ignored = (labels_N == spec.ignore_index) if with_labels else torch.zeros_like(
-            zero, dtype=torch.bool)
+        ignored = (
+            (labels_N == spec.ignore_index)
+            if with_labels
+            else torch.zeros_like(zero, dtype=torch.bool)
+        )
         keep_kd = ~ignored
         if kind == "sparse":
             keep_kd = keep_kd & sparse["has_entries"]
@@ -144,13 +202,15 @@ class FusedDistillLossFunction(torch.autograd.Function):
             "kept": sparse["kept"] if sparse else None,
         }
         ctx.spec, ctx.vocab, ctx.kind, ctx.chunk = spec, vocab, kind, chunk_tokens
-        ctx.with_labels, ctx.alpha = with_labels, alpha
-        per_token = {k: values[k] for k in ("lse_s", "lse_t", "lse_1", "W", "a") if
-                     values.get(k) is not None}
+        ctx.with_labels, ctx.alpha, ctx.impl = with_labels, alpha, impl
+        per_token = {
+            k: values[k] for k in ("lse_s", "lse_t", "lse_1", "W", "a") if values.get(k) is not None
+        }
         ctx.per_token_names = list(per_token)
         ctx.sparse = sparse
-        ctx.save_for_backward(student_Nv, labels_N, teacher_dense_Nv, ignored, keep_kd,
-                              *per_token.values())
+        ctx.save_for_backward(
+            student_Nv, labels_N, teacher_dense_Nv, ignored, keep_kd, *per_token.values()
+        )
         outputs = [loss, lm.detach(), kd.detach()]
         for name in ("teacher_entropy", "agree", "kept"):
             outputs.append(aux[name].float() if aux[name] is not None else zero)
@@ -172,6 +232,27 @@ class FusedDistillLossFunction(torch.autograd.Function):
         kd_weight = (ctx.alpha * spec.kd_scale * grad_loss).masked_fill(~keep_kd, 0.0)
         if kind:
             kd_weight = kd_weight / spec.tau_student
+        labels_local = labels_N - vocab.shard_start if ctx.with_labels else None
+        if ctx.impl == "triton":
+            TK.grad_rows(
+                student_Nv[:, :valid],
+                teacher_Nv[:, :valid] if kind == "dense" else None,
+                labels_local,
+                per_token,
+                ce_weight,
+                kd_weight,
+                spec,
+                kind,
+                grad[:, :valid],
+                vocab.true_size,
+            )
+            if kind == "sparse" and valid > 0:
+                sparse = _gathered_view(ctx.sparse)
+                logits_kept = student_Nv[:, :valid].gather(1, sparse["local"]).float()
+                P_kept = (logits_kept / spec.tau_student - per_token["lse_s"][:, None]).exp()
+                delta = _kept_delta(P_kept, sparse, per_token, kd_weight[:, None], spec)
+                grad[:, :valid].scatter_add_(1, sparse["local"], delta.to(grad.dtype))
+            return grad, None, None, None, None, None, None, None, None, None, None, None, None
         for start, end in _chunks(student_Nv.shape[0], ctx.chunk):
             if valid == 0:
                 break
@@ -183,11 +264,21 @@ class FusedDistillLossFunction(torch.autograd.Function):
                 teacher_Nv[rows, :valid] if kind == "dense" else None,
                 _slice_sparse(ctx.sparse, start, end),
                 {k: v[rows] for k, v in per_token.items()},
-                ce_weight[rows], kd_weight[rows], spec, kind, vocab.true_size, ws, target,
+                ce_weight[rows],
+                kd_weight[rows],
+                spec,
+                kind,
+                vocab.true_size,
+                ws,
+                target,
             )
             if not direct:
                 grad[rows, :valid] = target
-        return grad, None, None, None, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None, None, None, None, None
+
+
+def _gathered_view(sparse: dict) -> dict:
+    return {k: sparse[k] for k in ("T", "local", "owned", "r")}
 
 
 def _slice_sparse(sparse: dict | None, start: int, end: int) -> dict | None:
@@ -214,8 +305,20 @@ def _jsd_chunk_sums(student_Cv, teacher_Cv, sparse, values, start, end, spec, ta
     return torch.stack([value.sum(-1), weighted.sum(-1)], dim=-1)
 
 
-def _grad_chunk(student_Cv, labels_local, teacher_Cv, sparse, per_token, ce_weight, kd_weight,
-                spec, kind, true_vocab, ws, out):
+def _grad_chunk(
+    student_Cv,
+    labels_local,
+    teacher_Cv,
+    sparse,
+    per_token,
+    ce_weight,
+    kd_weight,
+    spec,
+    kind,
+    true_vocab,
+    ws,
+    out,
+):
     """Write d loss / d student logits of one chunk into ``out`` (fp32 [C, v]).
 
     In-place ops on workspace buffers, few passes. ``ce_weight``/``kd_weight`` [C] already
@@ -234,8 +337,9 @@ def _grad_chunk(student_Cv, labels_local, teacher_Cv, sparse, per_token, ce_weig
     if kind is None:
         grad = P.mul_(ce_col)
     elif kind == "dense":
-        grad = _dense_kd_grad(s, P, teacher_Cv, per_token, kd_col, ce_col if shared_ce else None,
-                              spec, true_vocab, ws)
+        grad = _dense_kd_grad(
+            s, P, teacher_Cv, per_token, kd_col, ce_col if shared_ce else None, spec, true_vocab, ws
+        )
     else:
         grad = _sparse_kd_grad(P, sparse, per_token, kd_col, ce_col if shared_ce else None, spec)
     if labels_local is not None:
@@ -284,20 +388,31 @@ def _sparse_kd_grad(P, sparse, per_token, kd_col, ce_col, spec):
     """kd_weight * dKD/ds~ (+ ce_weight * P when shared) against kept entries (+ tail)."""
     kd = spec.kind
     W = per_token["W"][:, None]
-    owned, local, T = sparse["owned"], sparse["local"], sparse["T"]
+    local = sparse["local"]
     P_kept = P.gather(1, local)
     # Outside the kept set the derivative is P * (a - W), with a per-token constant a (for
     # mse_probs without tail: a = 2 P, elementwise).
     if kd == "mse_probs" and not spec.tail:
-        generic_kept = P_kept * (2.0 * P_kept - W)
         factor = (2.0 * P - W).mul_(kd_col)
         if ce_col is not None:
             factor.add_(ce_col)
         grad = P.mul_(factor)
     else:
         coefficient = (per_token["a"][:, None] - W) * kd_col
-        generic_kept = P_kept * (per_token["a"][:, None] - W)
         grad = P.mul_(coefficient if ce_col is None else coefficient + ce_col)
+    return grad.scatter_add_(1, local, _kept_delta(P_kept, sparse, per_token, kd_col, spec))
+
+
+def _kept_delta(P_kept, sparse, per_token, kd_col, spec):
+    """What to add at the kept entries to turn the generic derivative P (a - W) into theirs.
+
+    Foreign entries (owned by another shard) share clamped column indices: they add 0.
+    """
+    kd, W, T = spec.kind, per_token["W"][:, None], sparse["T"]
+    if kd == "mse_probs" and not spec.tail:
+        generic = P_kept * (2.0 * P_kept - W)
+    else:
+        generic = P_kept * (per_token["a"][:, None] - W)
     if kd in ("soft_ce", "forward_kl"):
         kept_grad = P_kept - T
     elif kd == "reverse_kl":
@@ -307,10 +422,7 @@ def _sparse_kd_grad(P, sparse, per_token, kd_col, ce_col, spec):
     else:  # jsd
         mix = spec.jsd_beta * T + (1 - spec.jsd_beta) * P_kept
         kept_grad = P_kept * ((1 - spec.jsd_beta) * (S._log(P_kept) - S._log(mix)) - W)
-    # Swap the generic derivative of kept entries for their own, as an added difference:
-    # foreign entries share clamped column indices and must add exactly nothing.
-    delta = torch.where(owned, (kept_grad - generic_kept) * kd_col, torch.zeros_like(T))
-    return grad.scatter_add_(1, local, delta)
+    return torch.where(sparse["owned"], (kept_grad - generic) * kd_col, torch.zeros_like(T))
 
 
 def fused_distill_loss(
@@ -323,6 +435,7 @@ def fused_distill_loss(
     chunk_tokens: int | None = None,
     collectives: list | None = None,
     metrics: bool = True,
+    impl: str = "torch",
 ) -> dict:
     """Per-token {"loss" (differentiable), "lm", "kd", "teacher_entropy", "agree", "kept"}.
 
@@ -337,8 +450,31 @@ def fused_distill_loss(
     idx = teacher.indices if isinstance(teacher, SparseTeacher) else None
     logp = teacher.logprobs if isinstance(teacher, SparseTeacher) else None
     log = collectives if collectives is not None else []
+    if impl not in ("torch", "triton"):
+        raise ValueError(f"fused loss implementation {impl!r}: must be torch or triton")
+    if impl == "triton":
+        usable, why = TK.triton_available()
+        if not usable:
+            raise RuntimeError(f"loss implementation 'triton' cannot run here: {why}")
     loss, lm, kd, entropy, agree, kept = FusedDistillLossFunction.apply(
-        student_logits_Nv, labels_N, dense, idx, logp, spec, vocab, tp_group, chunk, log,
-        metrics)
-    return {"loss": loss, "lm": lm, "kd": kd, "teacher_entropy": entropy, "agree": agree,
-            "kept": kept}
+        student_logits_Nv,
+        labels_N,
+        dense,
+        idx,
+        logp,
+        spec,
+        vocab,
+        tp_group,
+        chunk,
+        log,
+        metrics,
+        impl,
+    )
+    return {
+        "loss": loss,
+        "lm": lm,
+        "kd": kd,
+        "teacher_entropy": entropy,
+        "agree": agree,
+        "kept": kept,
+    }

@@ -160,7 +160,8 @@ class CheckpointManager:
         if self.keep_last <= 0:
             return
         names = sorted(
-            n for n in os.listdir(self.root)
+            n
+            for n in os.listdir(self.root)
             if n.startswith(_PREFIX) and os.path.isdir(os.path.join(self.root, n))
         )
         for name in names[: max(0, len(names) - self.keep_last)]:

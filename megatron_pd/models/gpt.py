@@ -167,7 +167,9 @@ def build_gpt_model(
         rotary_base=model.rotary_base,
         pg_collection=pg_collection,
     )
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+    device = (
+        torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+    )
     if device is not None:
         gpt = gpt.to(device)
     init_layout_invariant(gpt, seed=seed, std=model.init_method_std, num_layers=model.num_layers)
@@ -186,7 +188,11 @@ def causal_attention_mask(seq_length: int, device=None) -> torch.Tensor:
 def count_parameters(model_cfg: ModelConfig, vocab_padded: int) -> dict:
     """Analytic parameter counts of the whole (unsharded) model: total and non-embedding."""
     hidden, ffn, layers = model_cfg.hidden_size, model_cfg.ffn_hidden_size, model_cfg.num_layers
-    head_dim, heads, groups = model_cfg.head_dim, model_cfg.num_attention_heads, model_cfg.query_groups
+    head_dim, heads, groups = (
+        model_cfg.head_dim,
+        model_cfg.num_attention_heads,
+        model_cfg.query_groups,
+    )
     qkv = hidden * head_dim * (heads + 2 * groups)
     proj = heads * head_dim * hidden
     mlp = hidden * ffn * (3 if model_cfg.activation in ("swiglu", "geglu") else 2)

@@ -60,9 +60,7 @@ def layout_ranks(layout: Layout) -> dict:
         "tp": [[layout.rank(t, d, p) for t in range(tp)] for p in range(pp) for d in range(dp)],
         "dp": [[layout.rank(t, d, p) for d in range(dp)] for p in range(pp) for t in range(tp)],
         "pp": [[layout.rank(t, d, p) for p in range(pp)] for d in range(dp) for t in range(tp)],
-        "mp": [
-            [layout.rank(t, d, p) for p in range(pp) for t in range(tp)] for d in range(dp)
-        ],
+        "mp": [[layout.rank(t, d, p) for p in range(pp) for t in range(tp)] for d in range(dp)],
     }
     # Word embeddings live on the first stage and the (tied) output layer on the last.
     groups["embd"] = [sorted({ranks[0], ranks[-1]}) for ranks in groups["pp"]]

@@ -49,7 +49,7 @@ PATCH_NAMES = (
 
 _hits: collections.Counter = collections.Counter()
 _active = False
-_mode: "_CudaToCpuMode | None" = None
+_mode: _CudaToCpuMode | None = None
 _originals: dict = {}
 
 _CPU = torch.device("cpu")

@@ -189,3 +189,37 @@ def test_only_per_token_statistics_are_saved():
     assert sum(is_input for _, is_input in full) == 1 and len(full) == 2
     assert all(len(shape) <= 1 for shape, _ in shapes if (shape, False) not in full
                and len(shape) != 2)
+
+
+def three_implementations(rank, world_size):
+    from megatron_pd.loss.objective import distillation_loss
+
+    student, teacher_logits, labels, sparse = global_inputs()
+    width = PADDED_VOCAB // world_size
+    columns = slice(rank * width, (rank + 1) * width)
+    vocab = VocabInfo(TRUE_VOCAB, PADDED_VOCAB, world_size, rank)
+    results = {}
+    for teacher_kind in ("dense", "sparse"):
+        teacher = (DenseTeacher(teacher_logits[:, columns].float()) if teacher_kind == "dense"
+                   else SparseTeacher(sparse.indices, sparse.logprobs.float()))
+        for impl in ("reference", "torch", "triton"):
+            x = student[:, columns].float().clone().requires_grad_()
+            out = distillation_loss(x, labels, teacher, LossSpec(kind="forward_kl", alpha=0.9,
+                                                                 tau=2.0), vocab,
+                                    dist.group.WORLD, impl=impl)
+            out["loss"].sum().backward()
+            results[teacher_kind, impl] = {k: v.detach() for k, v in out.items()} | {
+                "grad": x.grad}
+    return results
+
+
+def test_three_implementations_one_signature():
+    for result in run_distributed(three_implementations, 2):
+        for teacher_kind in ("dense", "sparse"):
+            expected = result[teacher_kind, "reference"]
+            for impl in ("torch", "triton"):
+                actual = result[teacher_kind, impl]
+                for key in ("loss", "lm", "kd", "grad", "teacher_entropy", "kept"):
+                    torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=ATOL,
+                                               msg=lambda m, k=key, i=impl: f"{i} {k}: {m}")
+                assert torch.equal(actual["agree"], expected["agree"])

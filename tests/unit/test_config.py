@@ -24,8 +24,14 @@ from megatron_pd.config.presets import MODEL_PRESETS
         (["--model.hiden_size=8"], "did you mean model.hidden_size"),
         (["--model.hidden_size=abc"], "model.hidden_size='abc': expected an integer"),
         (["--model.preset=gpt5"], "model.preset='gpt5': unknown preset"),
-        (["--lr_schedule.style=wsd", "--lr_schedule.warmup_fraction=0.5",
-          "--lr_schedule.decay_fraction=0.6"], "exceeds the whole run"),
+        (
+            [
+                "--lr_schedule.style=wsd",
+                "--lr_schedule.warmup_fraction=0.5",
+                "--lr_schedule.decay_fraction=0.6",
+            ],
+            "exceeds the whole run",
+        ),
     ],
 )
 def test_invalid_config_names_the_field(overrides, message):
@@ -46,8 +52,10 @@ def test_world_size_checks():
 def test_override_forms_and_types():
     pairs = parse_overrides(["--a.b=1", "--c.d", "2.5", "--e=[x, 0.3]", "--f=null", "--g=true"])
     assert pairs == [("a.b", 1), ("c.d", 2.5), ("e", ["x", 0.3]), ("f", None), ("g", True)]
-    cfg = load_config(None, ["--data.blend=[0.3, a, 0.7, b]", "--train.train_steps", "7",
-                             "--lr_schedule.value=3e-4"])
+    cfg = load_config(
+        None,
+        ["--data.blend=[0.3, a, 0.7, b]", "--train.train_steps", "7", "--lr_schedule.value=3e-4"],
+    )
     assert cfg.lr_schedule.value == 3e-4  # YAML 1.1 reads 3e-4 as a string
     assert cfg.data.blend == ["0.3", "a", "0.7", "b"]
     assert cfg.train.train_steps == 7
@@ -76,14 +84,28 @@ def test_paper_student_table():
     }
     for name, row in table.items():
         m = MODEL_PRESETS[name]
-        actual = (m["hidden_size"], m["ffn_hidden_size"], m["num_layers"],
-                  m["num_attention_heads"], m["num_query_groups"], m["tie_embeddings"])
+        actual = (
+            m["hidden_size"],
+            m["ffn_hidden_size"],
+            m["num_layers"],
+            m["num_attention_heads"],
+            m["num_query_groups"],
+            m["tie_embeddings"],
+        )
         assert actual == row, name
 
 
 def test_resolved_config_round_trips(tmp_path):
-    cfg = load_config(None, ["--model.preset=tiny", "--parallel.tp=2", "--data.blend=[p]",
-                             "--lr_schedule.style=wsd", "--lr_schedule.decay_fraction=0.2"])
+    cfg = load_config(
+        None,
+        [
+            "--model.preset=tiny",
+            "--parallel.tp=2",
+            "--data.blend=[p]",
+            "--lr_schedule.style=wsd",
+            "--lr_schedule.decay_fraction=0.2",
+        ],
+    )
     path = tmp_path / "config.yaml"
     save_config(cfg, str(path))
     again = load_config(str(path))

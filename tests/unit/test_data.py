@@ -60,8 +60,13 @@ def test_megatron_written_file_passes_our_checks(tmp_path):
 def test_preprocess_output_does_not_depend_on_workers(tiny_corpus, tmp_path):
     files = tiny_corpus["files"][:12]
     for workers in (1, 2):
-        preprocess(files, str(tmp_path / f"w{workers}"), tiny_corpus["tokenizer"],
-                   workers=workers, progress=False)
+        preprocess(
+            files,
+            str(tmp_path / f"w{workers}"),
+            tiny_corpus["tokenizer"],
+            workers=workers,
+            progress=False,
+        )
     for suffix in (".bin", ".idx"):
         assert (tmp_path / f"w1{suffix}").read_bytes() == (tmp_path / f"w2{suffix}").read_bytes()
     assert not list(tmp_path.glob("*.tmp"))
@@ -110,8 +115,9 @@ def test_check_prefix_errors_name_the_file(tiny_corpus, tmp_path):
 def test_data_made_with_another_tokenizer_is_refused(tiny_corpus, tmp_path):
     from megatron_pd.data.tokenizer import train_sentencepiece
 
-    other = train_sentencepiece(tiny_corpus["files"][:5], str(tmp_path / "other"), 400,
-                                num_threads=1)
+    other = train_sentencepiece(
+        tiny_corpus["files"][:5], str(tmp_path / "other"), 400, num_threads=1
+    )
     with pytest.raises(ValueError, match="was tokenized with tokenizer"):
         check_data([tiny_corpus["prefix"]], Tokenizer(other))
 
@@ -158,8 +164,9 @@ def test_blend_weights_are_respected(tiny_corpus, tmp_path):
     second = str(tmp_path / "second")
     preprocess(tiny_corpus["files"][20:40], second, tiny_corpus["tokenizer"], progress=False)
     blend = ["0.25", tiny_corpus["prefix"], "0.75", second]
-    counts = run_distributed(_blend_counts, 1, tiny_corpus["tokenizer"], blend,
-                             str(tmp_path / "cache"))[0]
+    counts = run_distributed(
+        _blend_counts, 1, tiny_corpus["tokenizer"], blend, str(tmp_path / "cache")
+    )[0]
     assert abs(counts[0] / 2000 - 0.25) < 0.01, counts
 
 

@@ -12,8 +12,10 @@ EXACT = 1e-12  # float64, same quantities computed two ways
 
 
 def logits(seed, n=N, v=V, scale=2.0):
-    return torch.randn(n, v, generator=torch.Generator().manual_seed(seed),
-                       dtype=torch.float64) * scale
+    return (
+        torch.randn(n, v, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        * scale
+    )
 
 
 def sparse_topk(teacher_logits, k):
@@ -24,8 +26,10 @@ def sparse_topk(teacher_logits, k):
 
 CASES = [(kind, "dense", False) for kind in KD_KINDS] + [
     (kind, "sparse", tail)
-    for kind in KD_KINDS if kind != "mse_logits"
-    for tail in (False, True) if not (kind == "reverse_kl" and not tail)
+    for kind in KD_KINDS
+    if kind != "mse_logits"
+    for tail in (False, True)
+    if not (kind == "reverse_kl" and not tail)
 ]
 
 
@@ -59,8 +63,9 @@ def test_against_torch_losses(tau, on_student):
         spec = LossSpec(kind=kind, alpha=1.0, tau=tau, tau_on_student=on_student)
         actual = reference_loss(s, labels, DenseTeacher(t), spec, V)
         torch.testing.assert_close(actual["kd"], value, rtol=0, atol=EXACT)
-        torch.testing.assert_close(actual["lm"], F.cross_entropy(s, labels, reduction="none"),
-                                   rtol=0, atol=EXACT)
+        torch.testing.assert_close(
+            actual["lm"], F.cross_entropy(s, labels, reduction="none"), rtol=0, atol=EXACT
+        )
 
 
 def test_jsd_definition():
@@ -69,10 +74,12 @@ def test_jsd_definition():
     P, T = F.softmax(s, -1), F.softmax(t, -1)
     M = beta * T + (1 - beta) * P
     expected = beta * F.kl_div(M.log(), T, reduction="none").sum(-1) + (1 - beta) * F.kl_div(
-        M.log(), P, reduction="none").sum(-1)
+        M.log(), P, reduction="none"
+    ).sum(-1)
     spec = LossSpec(kind="jsd", alpha=1.0, jsd_beta=beta)
-    torch.testing.assert_close(reference_loss(s, None, DenseTeacher(t), spec, V)["kd"],
-                               expected, rtol=0, atol=EXACT)
+    torch.testing.assert_close(
+        reference_loss(s, None, DenseTeacher(t), spec, V)["kd"], expected, rtol=0, atol=EXACT
+    )
 
 
 def test_invariants():
@@ -102,8 +109,9 @@ def test_padding_columns_and_ignore_index():
     s[:, V:] = 100.0  # padded columns: must not count however large
     labels = torch.tensor([0, -100, 2, 3, 4])
     out = reference_loss(s, labels, DenseTeacher(t), LossSpec(kind="forward_kl", alpha=0.5), V)
-    clean = reference_loss(s[:, :V], labels, DenseTeacher(t[:, :V]),
-                           LossSpec(kind="forward_kl", alpha=0.5), V)
+    clean = reference_loss(
+        s[:, :V], labels, DenseTeacher(t[:, :V]), LossSpec(kind="forward_kl", alpha=0.5), V
+    )
     torch.testing.assert_close(out["loss"], clean["loss"], rtol=0, atol=EXACT)
     assert out["loss"][1] == 0
 
@@ -128,5 +136,4 @@ def test_undefined_combinations_are_errors():
     with pytest.raises(ValueError, match="mse_logits needs a dense teacher"):
         reference_loss(logits(15), None, teacher, LossSpec(kind="mse_logits"), V)
     with pytest.raises(ValueError, match="alpha=0.5 needs a teacher"):
-        reference_loss(logits(15), torch.zeros(N, dtype=torch.long), None,
-                       LossSpec(alpha=0.5), V)
+        reference_loss(logits(15), torch.zeros(N, dtype=torch.long), None, LossSpec(alpha=0.5), V)

@@ -29,7 +29,9 @@ def test_linear_increase_and_decrease():
     down = ScheduleConfig(style="linear", value=1.0, final=0.5)
     for step in (0, 37, 100, 200):
         assert schedule_value(up, step, TOTAL) == pytest.approx(0.1 + 0.9 * step / TOTAL, abs=EXACT)
-        assert schedule_value(down, step, TOTAL) == pytest.approx(1.0 - 0.5 * step / TOTAL, abs=EXACT)
+        assert schedule_value(down, step, TOTAL) == pytest.approx(
+            1.0 - 0.5 * step / TOTAL, abs=EXACT
+        )
 
 
 def test_cosine_closed_form():
@@ -42,8 +44,15 @@ def test_cosine_closed_form():
 
 @pytest.mark.parametrize("shape", ["linear", "cosine", "sqrt", "exponential"])
 def test_wsd_phases_and_shapes(shape):
-    cfg = ScheduleConfig(style="wsd", value=0.9, final=0.1, initial=0.0, warmup_fraction=0.1,
-                         decay_fraction=0.25, decay_shape=shape)
+    cfg = ScheduleConfig(
+        style="wsd",
+        value=0.9,
+        final=0.1,
+        initial=0.0,
+        warmup_fraction=0.1,
+        decay_fraction=0.25,
+        decay_shape=shape,
+    )
     start = TOTAL - 50
     assert wsd_phase(cfg, 10, TOTAL) == "warmup"
     assert wsd_phase(cfg, 100, TOTAL) == "stable"
@@ -74,9 +83,18 @@ def megatron_lrs(style, wsd_style=None, warmup=10, decay_steps=None, total=TOTAL
 
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
     scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=3e-4, min_lr=3e-5, lr_warmup_steps=warmup,
-        lr_decay_steps=total, lr_decay_style=style, start_wd=0.1, end_wd=0.1,
-        wd_incr_steps=total, wd_incr_style="constant", wsd_decay_steps=decay_steps,
+        optimizer,
+        init_lr=0.0,
+        max_lr=3e-4,
+        min_lr=3e-5,
+        lr_warmup_steps=warmup,
+        lr_decay_steps=total,
+        lr_decay_style=style,
+        start_wd=0.1,
+        end_wd=0.1,
+        wd_incr_steps=total,
+        wd_incr_style="constant",
+        wsd_decay_steps=decay_steps,
         lr_wsd_decay_style=wsd_style,
     )
     lrs = []
@@ -92,10 +110,17 @@ def test_lr_matches_megatron(style):
     assert values(ours) == pytest.approx(megatron_lrs(style), abs=1e-15)
 
 
-@pytest.mark.parametrize("ours_shape, theirs", [("linear", "linear"), ("cosine", "cosine"),
-                                                ("sqrt", "minus_sqrt")])
+@pytest.mark.parametrize(
+    "ours_shape, theirs", [("linear", "linear"), ("cosine", "cosine"), ("sqrt", "minus_sqrt")]
+)
 def test_wsd_lr_matches_megatron(ours_shape, theirs):
-    ours = ScheduleConfig(style="wsd", value=3e-4, final=3e-5, warmup_steps=10,
-                          decay_fraction=0.2, decay_shape=ours_shape)
+    ours = ScheduleConfig(
+        style="wsd",
+        value=3e-4,
+        final=3e-5,
+        warmup_steps=10,
+        decay_fraction=0.2,
+        decay_shape=ours_shape,
+    )
     expected = megatron_lrs("WSD", wsd_style=theirs, decay_steps=40)
     assert values(ours) == pytest.approx(expected, abs=1e-15)

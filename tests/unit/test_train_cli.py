@@ -52,9 +52,13 @@ def test_corrupt_idx(tiny_corpus, tmp_path, capsys):
 
 
 def test_dry_run_prints_groups_for_any_world_size(tiny_corpus, tmp_path, capsys):
-    argv = base_args(tiny_corpus, tmp_path) + ["--parallel.tp=2", "--parallel.pp=2",
-                                              "--dry-run", "--world-size=8",
-                                              "--train.global_batch_size=16"]
+    argv = base_args(tiny_corpus, tmp_path) + [
+        "--parallel.tp=2",
+        "--parallel.pp=2",
+        "--dry-run",
+        "--world-size=8",
+        "--train.global_batch_size=16",
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "student: world_size=8 tp=2 pp=2 dp=2" in out
@@ -73,8 +77,16 @@ def test_help_config_lists_fields(capsys):
 @pytest.mark.slow
 def test_real_command_prints_one_line(tiny_corpus, tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "megatron_pd.train", *base_args(tiny_corpus, tmp_path),
-         "--parallel.tp=3"], capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "megatron_pd.train",
+            *base_args(tiny_corpus, tmp_path),
+            "--parallel.tp=3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
