@@ -33,6 +33,7 @@ def _absolute_paths(cfg) -> None:
     ]
     cfg.checkpoint.save_dir = absolute(cfg.checkpoint.save_dir)
     cfg.checkpoint.load_dir = absolute(cfg.checkpoint.load_dir)
+    cfg.distill.teacher.load = absolute(cfg.distill.teacher.load)
 
 
 def _is_number(text: str) -> bool:
@@ -71,7 +72,20 @@ def dry_run(cfg, world_size: int) -> int:
     from megatron_pd.parallel.topology import Layout, describe_layout
 
     dp = cfg.validate_for_world(world_size)
-    print(describe_layout(Layout(world_size, cfg.parallel.tp, cfg.parallel.pp), "student"))
+    student_layout = Layout(world_size, cfg.parallel.tp, cfg.parallel.pp)
+    print(describe_layout(student_layout, "student"))
+    if cfg.distill.enabled:
+        from megatron_pd.models.teacher import resolve_teacher_source, teacher_model_config
+
+        teacher = cfg.distill.teacher
+        checkpoint, run_config = resolve_teacher_source(teacher.load)
+        shape = teacher_model_config(teacher, run_config)
+        print(describe_layout(Layout(world_size, teacher.tp, teacher.pp), "teacher"))
+        print(
+            f"teacher checkpoint {checkpoint}: {shape.num_layers} layers, hidden "
+            f"{shape.hidden_size}; loss {cfg.distill.loss}, exchange "
+            f"{cfg.distill.exchange_mode}, truncation {cfg.distill.truncation or 'none'}"
+        )
     vocab = cfg.model.vocab_size
     if cfg.data.tokenizer_model and os.path.exists(cfg.data.tokenizer_model):
         tokenizer = load_tokenizer(cfg)
@@ -146,10 +160,23 @@ def run(cfg) -> dict:
         (total * gbs, eval_samples, 0),
         cfg.data.cache_dir or os.path.join(cfg.run_dir, "data_cache"),
     )
-    module = TrainModule(cfg, groups, vocab_size, dp)
+    if cfg.distill.enabled:
+        from megatron_pd.engine.distill_module import DistillTrainModule
+
+        module = DistillTrainModule(cfg, groups, vocab_size, dp, tokenizer.fingerprint)
+    else:
+        module = TrainModule(cfg, groups, vocab_size, dp)
     save_dir = cfg.checkpoint.save_dir or os.path.join(cfg.run_dir, "checkpoints")
     checkpoints = CheckpointManager(save_dir, cfg.checkpoint.keep_last, cfg.checkpoint.async_save)
-    trainer = Trainer(cfg, module, splits, checkpoints, cfg.run_dir, dist.get_rank(groups.dp))
+    trainer = Trainer(
+        cfg,
+        module,
+        splits,
+        checkpoints,
+        cfg.run_dir,
+        dist.get_rank(groups.dp),
+        tokenizer.fingerprint,
+    )
     if cfg.checkpoint.resume:
         path = latest_checkpoint(cfg.checkpoint.load_dir or save_dir)
         if path is not None:

@@ -120,8 +120,12 @@ def build_section(cls, raw: Any, path: str = ""):
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.init]
     if "preset" in names and raw.get("preset"):
-        merged = preset_fields(raw["preset"])
-        merged.update(raw)
+        merged = preset_fields(raw["preset"], cls.__name__)
+        for key, value in raw.items():  # a section given alongside a preset refines it
+            if isinstance(value, dict) and isinstance(merged.get(key), dict):
+                merged[key] = {**merged[key], **value}
+            else:
+                merged[key] = value
         raw = merged
     for key in raw:
         if key not in names:

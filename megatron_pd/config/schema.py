@@ -311,6 +311,121 @@ def _lr_schedule_default() -> ScheduleConfig:
     return ScheduleConfig(style="cosine", value=3e-4, final=3e-5, warmup_fraction=0.01)
 
 
+KD_LOSSES = ("soft_ce", "forward_kl", "reverse_kl", "jsd", "mse_probs", "mse_logits")
+
+
+def _alpha_default() -> ScheduleConfig:
+    return ScheduleConfig(style="constant", value=1.0, final=1.0, initial=1.0)
+
+
+def _tau_default() -> ScheduleConfig:
+    return ScheduleConfig(style="constant", value=1.0, final=1.0, initial=1.0)
+
+
+@dataclass
+class TeacherConfig:
+    """The frozen teacher of online distillation (co-located with the student)."""
+
+    load: Optional[str] = None
+    """A megatron_pd run directory (its config.yaml and latest checkpoint), a checkpoint root
+    (with a "latest" file) or one iter_NNNNNNN directory. None disables distillation."""
+    model: Optional[ModelConfig] = None
+    """The teacher's shape; None reads it from the run's config.yaml next to the checkpoint."""
+    tp: int = 1
+    """The teacher's tensor-parallel size (independent of the student's)."""
+    pp: int = 1
+    """The teacher's pipeline-parallel size."""
+    precision: str = "auto"
+    """auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16: the teacher's forward dtype."""
+
+    def __post_init__(self):
+        _positive("distill.teacher.tp", self.tp)
+        _positive("distill.teacher.pp", self.pp)
+        _choice("distill.teacher.precision", self.precision, PRECISIONS)
+
+
+@dataclass
+class DistillConfig:
+    """Pre-training distillation: L = (1 - alpha) * L_lm + alpha * L_kd (see loss/spec.py)."""
+
+    preset: Optional[str] = None
+    """vanilla_pd or pd_star (the paper's settings); other fields given alongside override."""
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    loss: str = "forward_kl"
+    """KD loss: soft_ce (the paper's NLL), forward_kl (KLD), reverse_kl, jsd, mse_probs,
+    mse_logits."""
+    alpha: ScheduleConfig = field(default_factory=_alpha_default)
+    """Weight of the KD term over training (value in [0, 1])."""
+    tau: ScheduleConfig = field(default_factory=_tau_default)
+    """Temperature over training (> 0)."""
+    align_alpha_with_lr: bool = False
+    """Make alpha a WSD schedule with the learning rate's warmup and decay phases (the
+    paper's best WSD-alpha + WSD-LR); alpha.value is the plateau, alpha.initial/final the
+    ends."""
+    tau_on_student: bool = True
+    """Divide the student logits by tau as well (else only the teacher's)."""
+    tau_squared: bool = False
+    """Multiply the KD term by tau^2 (Hinton's gradient-scale correction)."""
+    jsd_beta: float = 0.5
+    """Mixture weight of the teacher in JSD."""
+    truncation: Optional[str] = None
+    """Top-p-k truncation of the teacher, e.g. top-0.95-100, top-0.95-inf, top-1.0-50; None
+    keeps the full distribution."""
+    min_k: int = 1
+    """Keep at least this many teacher entries per token."""
+    k_cap: int = 1024
+    """Entry slots per token when the truncation has no k cap (top-p-inf)."""
+    tail: bool = False
+    """Model the truncated teacher mass as one extra category (see loss/spec.py)."""
+    exchange: str = "auto"
+    """How teacher outputs reach the student ranks: dense (vocab slices), sparse (kept
+    entries; needs truncation) or auto (sparse when truncating)."""
+
+    def __post_init__(self):
+        _choice("distill.loss", self.loss, KD_LOSSES)
+        self.alpha.validate("distill.alpha")
+        self.tau.validate("distill.tau")
+        for end in ("value", "final", "initial"):
+            a = getattr(self.alpha, end)
+            if not 0.0 <= a <= 1.0:
+                _fail(f"distill.alpha.{end}", a, "must be in [0, 1]")
+        tau = self.tau
+        used = ["value"]
+        if tau.style != "constant":
+            used.append("final")
+        if (tau.warmup_steps or 0) > 0 or tau.warmup_fraction > 0:
+            used.append("initial")
+        for end in used:
+            if not getattr(tau, end) > 0.0:
+                _fail(f"distill.tau.{end}", getattr(tau, end), "must be > 0")
+        if not 0.0 < self.jsd_beta < 1.0:
+            _fail("distill.jsd_beta", self.jsd_beta, "must be in (0, 1)")
+        _choice("distill.exchange", self.exchange, ("auto", "dense", "sparse"))
+        if self.truncation is not None:
+            from megatron_pd.logits.truncation import TruncationSpec
+
+            try:
+                TruncationSpec.parse(self.truncation, self.min_k, self.k_cap)
+            except ValueError as err:
+                raise ValueError(f"distill.truncation={self.truncation!r}: {err}") from None
+        elif self.exchange == "sparse":
+            _fail("distill.exchange", "sparse", "needs distill.truncation (e.g. top-0.95-100)")
+        if self.truncation is not None and self.loss == "mse_logits":
+            _fail("distill.loss", "mse_logits", "needs the full teacher (truncation=null)")
+        if self.truncation is not None and self.loss == "reverse_kl" and not self.tail:
+            _fail("distill.loss", "reverse_kl", "with truncation needs distill.tail=true")
+
+    @property
+    def enabled(self) -> bool:
+        return self.teacher.load is not None
+
+    @property
+    def exchange_mode(self) -> str:
+        if self.exchange != "auto":
+            return self.exchange
+        return "sparse" if self.truncation is not None else "dense"
+
+
 @dataclass
 class LossConfig:
     """How the (distillation) loss is computed; what it computes lives in ``distill``."""
@@ -382,6 +497,7 @@ class Config:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     lr_schedule: ScheduleConfig = field(default_factory=_lr_schedule_default)
     loss: LossConfig = field(default_factory=LossConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -433,6 +549,30 @@ class Config:
                 f"must be a multiple of train.micro_batch_size={self.train.micro_batch_size}",
             )
 
+        if self.distill.align_alpha_with_lr and self.lr_schedule.style != "wsd":
+            _fail(
+                "distill.align_alpha_with_lr",
+                True,
+                f"needs lr_schedule.style=wsd (is {self.lr_schedule.style})",
+            )
+
+    def alpha_schedule(self) -> ScheduleConfig:
+        """The alpha schedule in force (WSD with the LR's phases when aligned)."""
+        alpha = self.distill.alpha
+        if not self.distill.align_alpha_with_lr:
+            return alpha
+        lr = self.lr_schedule
+        return ScheduleConfig(
+            style="wsd",
+            value=alpha.value,
+            final=alpha.final,
+            initial=alpha.initial,
+            warmup_steps=lr.warmup_steps,
+            warmup_fraction=lr.warmup_fraction,
+            decay_fraction=lr.decay_fraction,
+            decay_shape=lr.decay_shape,
+        )
+
     def validate_for_world(self, world_size: int) -> int:
         """Checks that need the number of processes; returns the data-parallel size."""
         model_parallel = self.parallel.tp * self.parallel.pp
@@ -443,6 +583,15 @@ class Config:
                 f"tp*pp={model_parallel} must divide the world size {world_size}",
             )
         dp = world_size // model_parallel
+        if self.distill.enabled:
+            teacher = self.distill.teacher
+            if world_size % (teacher.tp * teacher.pp):
+                _fail(
+                    "distill.teacher.tp",
+                    teacher.tp,
+                    f"teacher tp*pp={teacher.tp * teacher.pp} must divide the world size "
+                    f"{world_size}",
+                )
         per_step = self.train.micro_batch_size * dp
         if self.train.global_batch_size % per_step:
             _fail(

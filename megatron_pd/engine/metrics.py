@@ -107,12 +107,16 @@ class MetricsLogger:
         for name in ("lm_loss", "kd_loss"):
             if name in values and name != "loss":
                 parts.append(f"{name.replace('_loss', '')} {values[name]:.4f}")
+        if "alpha" in values:
+            parts.append(f"alpha {values['alpha']:.2f} tau {values['tau']:.2f}")
         parts.append(f"lr {values.get('lr', 0.0):.2e}")
         if values.get("grad_norm") is not None:
             parts.append(f"gnorm {values['grad_norm']:.3f}")
         parts.append(f"{values.get('tokens_per_s', 0.0):,.0f} tok/s")
         if values.get("mfu") is not None:
             parts.append(f"mfu {100 * values['mfu']:.1f}%")
+        if "teacher_time_share" in values:
+            parts.append(f"teacher {100 * values['teacher_time_share']:.0f}%")
         parts.append(f"ETA {format_duration(eta)}")
         return " | ".join(parts)
 

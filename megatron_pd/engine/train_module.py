@@ -169,7 +169,10 @@ class TrainModule:
     def _to_device(self, batch: dict) -> dict:
         if self.device.type == "cpu":
             return batch
-        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        return {
+            k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()
+        }
 
     def _forward_step(self, data_iterator, model):
         batch = self._to_device(next(data_iterator))

@@ -60,7 +60,16 @@ class _StopRequest:
 class Trainer:
     """Runs ``module`` (a TrainModule) over the train split for the configured steps."""
 
-    def __init__(self, cfg, module, splits, checkpoints, run_dir: str, dp_rank: int):
+    def __init__(
+        self,
+        cfg,
+        module,
+        splits,
+        checkpoints,
+        run_dir: str,
+        dp_rank: int,
+        tokenizer_fingerprint: str | None = None,
+    ):
         self.cfg = cfg
         self.module = module
         self.splits = splits
@@ -75,6 +84,8 @@ class Trainer:
         )
         self.step = 0
         self.consumed_samples = 0
+        self.tokenizer_fingerprint = tokenizer_fingerprint
+        self.distill = cfg.distill.enabled
         self.is_logging_rank = dist.get_rank() == 0
         flops = train_flops_per_token(cfg.model, module.vocab.padded_size, cfg.data.seq_length)
         self.flops_per_token = flops
@@ -88,6 +99,8 @@ class Trainer:
             "global_batch_size": self.cfg.train.global_batch_size,
             "seq_length": self.cfg.data.seq_length,
             "data_seed": self.cfg.data.seed,
+            "tokenizer_fingerprint": self.tokenizer_fingerprint,
+            "true_vocab": self.module.vocab.true_size,
         }
 
     def restore(self, state: dict) -> None:
@@ -125,6 +138,36 @@ class Trainer:
         }
         return values
 
+    def schedules(self, step: int) -> dict:
+        """Learning rate and (when distilling) alpha and tau at ``step``."""
+        values = {"lr": schedule_value(self.cfg.lr_schedule, step, self.total_steps)}
+        if self.distill:
+            values["alpha"] = schedule_value(self.cfg.alpha_schedule(), step, self.total_steps)
+            values["tau"] = schedule_value(self.cfg.distill.tau, step, self.total_steps)
+        return values
+
+    def teacher_check(self, logger: MetricsLogger) -> dict:
+        """The teacher's own validation loss, once; a loud warning if it is at chance level."""
+        import math
+
+        gbs = self.cfg.train.global_batch_size
+        batches = [
+            self._batches(self.splits.valid, i * gbs) for i in range(self.cfg.train.eval_batches)
+        ]
+        totals = [self.module.teacher_eval(b) for b in batches]
+        tokens = sum(t["tokens"] for t in totals)
+        loss = sum(t["loss"] * t["tokens"] for t in totals) / max(tokens, 1)
+        chance = math.log(self.module.vocab.true_size)
+        logger.log_eval(self.step, "teacher_valid", {"loss": loss, "chance": chance})
+        if loss >= chance - 0.1:
+            logger.text(
+                "\n" + "!" * 78 + f"\nWARNING: the teacher's validation loss {loss:.3f} "
+                f"is no better than chance (ln V = {chance:.3f}).\nIs "
+                f"distill.teacher.load={self.cfg.distill.teacher.load} a trained model?"
+                "\n" + "!" * 78
+            )
+        return {"loss": loss, "chance": chance}
+
     def evaluate(self, logger: MetricsLogger) -> dict:
         totals, tokens = {}, 0
         gbs = self.cfg.train.global_batch_size
@@ -158,15 +201,18 @@ class Trainer:
             f"{self.module.num_parameters():,} parameters, peak {self.peak_tflops or 0:.2f} "
             f"TFLOP/s per device ({self.peak_source})"
         )
+        if self.distill and cfg.train.eval_interval:
+            self.teacher_check(logger)
         stop = _StopRequest()
         last = {}
         interrupted = False
         try:
             while self.step < self.total_steps:
                 batches = self._batches(self.splits.train, self.consumed_samples)
-                lr = schedule_value(cfg.lr_schedule, self.step, self.total_steps)
+                scheduled = self.schedules(self.step)
+                lr = scheduled.pop("lr")
                 with Stopwatch() as watch:
-                    result = self.module.train_step(batches, lr)
+                    result = self.module.train_step(batches, lr, **scheduled)
                 self.step += 1
                 self.consumed_samples += cfg.train.global_batch_size
                 last = self.train_values(result, lr, watch.seconds)

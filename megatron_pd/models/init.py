@@ -38,12 +38,24 @@ def _fill_kind(key: str) -> str:
     return "normal"
 
 
+def sharding_metadata(model) -> dict:
+    """Metadata that makes megatron describe shards with the model's *own* groups.
+
+    megatron-core takes the tensor-parallel group from each module but the data-parallel
+    group (which decides the main replica of every shard) from ``metadata``, defaulting to
+    the global parallel_state - the student's. A teacher with another layout must pass its own.
+    """
+    groups = getattr(model, "pg_collection", None)
+    dp_cp = getattr(groups, "dp_cp", None) if groups is not None else None
+    return {"dp_cp_group": dp_cp} if dp_cp is not None else {}
+
+
 def _sharded_tensors(model):
     """Every ShardedTensor of the model's sharded state dict (factories expanded)."""
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
-    for value in nested_values(model.sharded_state_dict()):
+    for value in nested_values(model.sharded_state_dict(metadata=sharding_metadata(model))):
         if isinstance(value, ShardedTensorFactory):
             built = value.build()
             items = nested_values(built) if isinstance(built, dict) else built

@@ -39,13 +39,10 @@ def test_triton_equals_torch_on_gpu(kind, dtype):
     results = {}
     for impl in ("torch", "triton"):
         x = student.clone().requires_grad_()
-        out = fused_distill_loss(x, labels, DenseTeacher(teacher), spec, info, _group(),
-                                 impl=impl)
+        out = fused_distill_loss(x, labels, DenseTeacher(teacher), spec, info, _group(), impl=impl)
         out["loss"].sum().backward()
         results[impl] = (out["loss"].float(), x.grad.float())
     loss_tol = 1e-4 if dtype == torch.float32 else 1e-3
-    torch.testing.assert_close(results["triton"][0], results["torch"][0], rtol=1e-4,
-                               atol=loss_tol)
+    torch.testing.assert_close(results["triton"][0], results["torch"][0], rtol=1e-4, atol=loss_tol)
     grad_tol = 1e-6 if dtype == torch.float32 else 1e-3
-    torch.testing.assert_close(results["triton"][1], results["torch"][1], rtol=1e-2,
-                               atol=grad_tol)
+    torch.testing.assert_close(results["triton"][1], results["torch"][1], rtol=1e-2, atol=grad_tol)

@@ -1,0 +1,284 @@
+"""Online (co-located) distillation step: a frozen teacher beside the student on every rank.
+
+DistillTrainModule extends the student's TrainModule. Per micro-batch, before the student's
+forward/backward schedule runs (so that student pipeline stages never wait on a teacher
+collective), every rank:
+
+1. gathers its teacher replica's union of student micro-batches (parallel/exchange.py),
+2. runs the teacher forward on it (teacher TP/PP, no_grad, eval),
+3. truncates to top-p-k on the teacher's tensor-parallel group when configured,
+4. sends each student loss rank its own samples' teacher distribution in the student's vocab
+   layout (dense vocab slices, or sparse kept entries).
+
+The student's loss for micro-batch m then reads payload m: (1 - alpha) * CE + alpha * KD with
+the fused loss (loss/objective.py). When the exchange is dense and the student has no
+pipeline stages, the teacher for micro-batch m runs just before the student's forward of m
+instead, so only one micro-batch of dense teacher logits is held at a time.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+
+from megatron_pd.engine.train_module import StepResult, TrainModule, resolve_precision
+from megatron_pd.logits.truncation import TruncationSpec, truncate_vocab_parallel
+from megatron_pd.loss.objective import distillation_loss
+from megatron_pd.loss.spec import DenseTeacher, LossSpec, SparseTeacher
+from megatron_pd.models.gpt import VocabInfo
+from megatron_pd.models.teacher import (
+    FrozenTeacher,
+    checkpoint_padded_vocab,
+    checkpoint_trainer_state,
+    resolve_teacher_source,
+    teacher_model_config,
+)
+from megatron_pd.parallel import topology
+from megatron_pd.parallel.exchange import (
+    ExchangePlan,
+    exchange_dense,
+    exchange_sparse,
+    gather_union_tokens,
+)
+from megatron_pd.parallel.topology import Layout
+
+
+class DistillTrainModule(TrainModule):
+    """The student's step with a frozen teacher; see module doc."""
+
+    def __init__(
+        self,
+        cfg,
+        groups,
+        true_vocab_size: int,
+        dp_size: int,
+        tokenizer_fingerprint: str | None = None,
+    ):
+        super().__init__(cfg, groups, true_vocab_size, dp_size)
+        distill = cfg.distill
+        world, self.rank = dist.get_world_size(), dist.get_rank()
+        checkpoint, run_config = resolve_teacher_source(distill.teacher.load)
+        self.teacher_checkpoint = checkpoint
+        teacher_cfg = teacher_model_config(distill.teacher, run_config)
+        _check_teacher_vocab(teacher_cfg, checkpoint, true_vocab_size, tokenizer_fingerprint)
+        teacher_layout = Layout(world, distill.teacher.tp, distill.teacher.pp)
+        self.teacher_groups = topology.new_model_groups(teacher_layout)
+        padded = checkpoint_padded_vocab(checkpoint)
+        if padded % distill.teacher.tp or padded < true_vocab_size:
+            raise ValueError(
+                f"teacher checkpoint {checkpoint} has a vocabulary of {padded} rows: not "
+                f"divisible by distill.teacher.tp={distill.teacher.tp} or smaller than the "
+                f"tokenizer's {true_vocab_size}"
+            )
+        teacher_vocab = VocabInfo(
+            true_vocab_size, padded, distill.teacher.tp, dist.get_rank(self.teacher_groups.tp)
+        )
+        self.teacher = FrozenTeacher(
+            teacher_cfg,
+            teacher_vocab,
+            self.teacher_groups,
+            resolve_precision(distill.teacher.precision),
+            max_sequence_length=teacher_cfg.max_position_embeddings or cfg.data.seq_length,
+        )
+        self.teacher.load(checkpoint)
+        self.plan = ExchangePlan(
+            world,
+            Layout(world, cfg.parallel.tp, cfg.parallel.pp),
+            teacher_layout,
+            true_vocab_size,
+            self.vocab.padded_size,
+            padded,
+            distill.exchange_mode,
+        )
+        self.truncation = (
+            TruncationSpec.parse(distill.truncation, distill.min_k, distill.k_cap)
+            if distill.truncation
+            else None
+        )
+        self.just_in_time = distill.exchange_mode == "dense" and self.pp_size == 1
+        self.alpha, self.tau = 1.0, 1.0
+        self._payloads: list = []
+        self._bytes = {"bytes": 0}
+        self._teacher_seconds = 0.0
+
+    # ------------------------------------------------------------------ the teacher side
+    def loss_spec(self) -> LossSpec:
+        d = self.cfg.distill
+        return LossSpec(
+            kind=d.loss,
+            alpha=self.alpha,
+            tau=self.tau,
+            tau_on_student=d.tau_on_student,
+            tau_squared=d.tau_squared,
+            jsd_beta=d.jsd_beta,
+            tail=d.tail,
+        )
+
+    def teacher_payload(self, batch: dict):
+        """The teacher's distribution for this rank's micro-batch (loss ranks; else None).
+
+        Collective over the whole world, in the same order on every rank.
+        """
+        start = time.perf_counter()
+        tokens = batch["tokens"]
+        size, seq = tokens.shape
+        union = gather_union_tokens(
+            tokens.to(self.device), self.plan, self.rank, self.teacher_groups.mp
+        )
+        logits = self.teacher.logits(union)
+        output_rank = self.plan.is_teacher_output_rank(self.rank)
+        if self.plan.mode == "sparse":
+            ids = logp = None
+            if output_rank:
+                flat = logits.reshape(-1, logits.shape[-1])
+                kept = truncate_vocab_parallel(
+                    flat, self.teacher.vocab, self.truncation, self.teacher_groups.tp
+                )
+                ids = kept.indices.reshape(union.shape[0], seq, -1)
+                logp = kept.logprobs.reshape(union.shape[0], seq, -1)
+            received = exchange_sparse(
+                self.plan,
+                self.rank,
+                ids,
+                logp,
+                size,
+                seq,
+                self.truncation.slots,
+                self.device,
+                self._bytes,
+            )
+            payload = None
+            if received is not None:
+                payload = SparseTeacher(
+                    received[0].reshape(-1, self.truncation.slots).long(),
+                    received[1].reshape(-1, self.truncation.slots),
+                )
+        else:
+            dense = exchange_dense(
+                self.plan,
+                self.rank,
+                logits if output_rank else None,
+                size,
+                seq,
+                self.teacher.dtype,
+                self.device,
+                self._bytes,
+            )
+            payload = None
+            if dense is not None:
+                flat = dense.reshape(-1, dense.shape[-1])
+                if self.truncation is not None:  # truncate in the student's vocab layout
+                    payload = truncate_vocab_parallel(
+                        flat, self.vocab, self.truncation, self.groups.tp
+                    )
+                else:
+                    payload = DenseTeacher(flat)
+        self._teacher_seconds += time.perf_counter() - start
+        return payload
+
+    # ------------------------------------------------------------------ the student side
+    def loss_terms(self, logits_BSv: torch.Tensor, batch: dict) -> dict:
+        teacher = batch.get("teacher")
+        if teacher is None:
+            teacher = self._payloads[batch["microbatch"]]
+        out = distillation_loss(
+            logits_BSv.reshape(-1, logits_BSv.shape[-1]),
+            batch["labels"].reshape(-1),
+            teacher,
+            self.loss_spec(),
+            self.vocab,
+            self.groups.tp,
+            impl=self.loss_impl,
+            chunk_tokens=self.cfg.loss.chunk_tokens,
+        )
+        terms = {
+            "loss": out["loss"],
+            "lm_loss": out["lm"],
+            "kd_loss": out["kd"],
+            "teacher_entropy": out["teacher_entropy"],
+            "top1_agreement": out["agree"],
+        }
+        if isinstance(teacher, SparseTeacher):
+            terms["kept_per_token"] = out["kept"]
+        return terms
+
+    def _forward_step(self, data_iterator, model):
+        if self.just_in_time:  # every rank reaches micro-batch m here in the same order
+            batch = next(data_iterator)
+            batch = dict(batch, teacher=self.teacher_payload(batch))
+            return super()._forward_step(iter([batch]), model)
+        return super()._forward_step(data_iterator, model)
+
+    def _with_teacher(self, microbatches: list) -> list:
+        indexed = [dict(batch, microbatch=i) for i, batch in enumerate(microbatches)]
+        self._payloads = [] if self.just_in_time else [self.teacher_payload(b) for b in indexed]
+        return indexed
+
+    def _finish(self, result: StepResult, seconds: float, tokens: int) -> StepResult:
+        moved = torch.tensor([float(self._bytes["bytes"])], dtype=torch.float64, device=self.device)
+        dist.all_reduce(moved)
+        result.extras["alpha"] = self.alpha
+        result.extras["tau"] = self.tau
+        result.extras["teacher_time_share"] = self._teacher_seconds / max(seconds, 1e-9)
+        result.extras["exchange_bytes_per_token"] = moved.item() / max(tokens, 1)
+        self._bytes["bytes"], self._teacher_seconds = 0, 0.0
+        return result
+
+    def train_step(
+        self, microbatches: list, lr: float, alpha: float = 1.0, tau: float = 1.0
+    ) -> StepResult:
+        self.alpha, self.tau = alpha, tau
+        start = time.perf_counter()
+        indexed = self._with_teacher(microbatches)
+        result = super().train_step(indexed, lr)
+        tokens = self.cfg.train.global_batch_size * self.cfg.data.seq_length
+        return self._finish(result, time.perf_counter() - start, tokens)
+
+    @torch.no_grad()
+    def eval_step(self, microbatches: list) -> StepResult:
+        start = time.perf_counter()
+        indexed = self._with_teacher(microbatches)
+        result = super().eval_step(indexed)
+        tokens = sum(b["tokens"].numel() for b in microbatches) * self.dp_size
+        return self._finish(result, time.perf_counter() - start, tokens)
+
+    @torch.no_grad()
+    def teacher_eval(self, microbatches: list) -> dict:
+        """The teacher's own next-token loss on this rank's micro-batches, made global."""
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for batch in microbatches:
+            union = gather_union_tokens(
+                batch["tokens"].to(self.device), self.plan, self.rank, self.teacher_groups.mp
+            )
+            labels = gather_union_tokens(
+                batch["labels"].to(self.device), self.plan, self.rank, self.teacher_groups.mp
+            )
+            mask = gather_union_tokens(
+                batch["loss_mask"].to(self.device), self.plan, self.rank, self.teacher_groups.mp
+            )
+            out = self.teacher.lm_loss(union, labels, mask)
+            counted = out is not None and dist.get_rank(self.teacher_groups.tp) == 0
+            if counted:
+                totals += torch.stack([out[0].double(), out[1].double()])
+        dist.all_reduce(totals)
+        return {"loss": (totals[0] / totals[1].clamp_min(1)).item(), "tokens": totals[1].item()}
+
+
+def _check_teacher_vocab(
+    teacher_cfg, checkpoint: str, true_vocab: int, tokenizer_fingerprint: str | None
+) -> None:
+    """Teacher and student must share the tokenizer (paddings may differ)."""
+    if teacher_cfg.vocab_size is not None and teacher_cfg.vocab_size != true_vocab:
+        raise ValueError(
+            f"teacher model.vocab_size={teacher_cfg.vocab_size} differs from the "
+            f"student's vocabulary ({true_vocab}): they must share a tokenizer"
+        )
+    state = checkpoint_trainer_state(checkpoint)
+    recorded = state.get("tokenizer_fingerprint")
+    if tokenizer_fingerprint and recorded and recorded != tokenizer_fingerprint:
+        raise ValueError(
+            f"teacher checkpoint {checkpoint} was trained with tokenizer "
+            f"{recorded}, the student uses {tokenizer_fingerprint}"
+        )
