@@ -211,10 +211,11 @@ class DistillTrainModule(TrainModule):
             return super()._forward_step(iter([batch]), model)
         return super()._forward_step(data_iterator, model)
 
-    def _with_teacher(self, microbatches: list) -> list:
-        indexed = [dict(batch, microbatch=i) for i, batch in enumerate(microbatches)]
-        self._payloads = [] if self.just_in_time else [self.teacher_payload(b) for b in indexed]
-        return indexed
+    def _prepare_teacher(self, microbatches: list) -> None:
+        """Teacher payloads of every micro-batch, in schedule order (unless just in time)."""
+        self._payloads = (
+            [] if self.just_in_time else [self.teacher_payload(b) for b in microbatches]
+        )
 
     def _finish(self, result: StepResult, seconds: float, tokens: int) -> StepResult:
         moved = torch.tensor([float(self._bytes["bytes"])], dtype=torch.float64, device=self.device)
@@ -231,16 +232,16 @@ class DistillTrainModule(TrainModule):
     ) -> StepResult:
         self.alpha, self.tau = alpha, tau
         start = time.perf_counter()
-        indexed = self._with_teacher(microbatches)
-        result = super().train_step(indexed, lr)
+        self._prepare_teacher(microbatches)
+        result = super().train_step(microbatches, lr)
         tokens = self.cfg.train.global_batch_size * self.cfg.data.seq_length
         return self._finish(result, time.perf_counter() - start, tokens)
 
     @torch.no_grad()
     def eval_step(self, microbatches: list) -> StepResult:
         start = time.perf_counter()
-        indexed = self._with_teacher(microbatches)
-        result = super().eval_step(indexed)
+        self._prepare_teacher(microbatches)
+        result = super().eval_step(microbatches)
         tokens = sum(b["tokens"].numel() for b in microbatches) * self.dp_size
         return self._finish(result, time.perf_counter() - start, tokens)
 

@@ -137,6 +137,7 @@ class TrainModule:
 
         self._forward_backward = get_forward_backward_func(pp_size=self.pp_size)
         self._report_names = None
+        self.capture: list | None = None
 
     # ----------------------------------------------------------------- the loss
     def loss_terms(self, logits_BSv: torch.Tensor, batch: dict) -> dict:
@@ -159,6 +160,13 @@ class TrainModule:
 
     def _loss_func(self, batch: dict, logits_BSv: torch.Tensor):
         terms = self.loss_terms(logits_BSv, batch)
+        if self.capture is not None:  # per-token values, for tests and debugging
+            self.capture.append(
+                {
+                    "microbatch": batch.get("microbatch"),
+                    **{name: value.detach() for name, value in terms.items()},
+                }
+            )
         mask_N = batch["loss_mask"].reshape(-1).float()
         loss_sum = (terms["loss"] * mask_N).sum()
         num_tokens = mask_N.sum().to(torch.int)
@@ -181,9 +189,10 @@ class TrainModule:
 
     # ----------------------------------------------------------------- steps
     def _run_schedule(self, microbatches: list, forward_only: bool) -> list:
+        indexed = [dict(batch, microbatch=i) for i, batch in enumerate(microbatches)]
         return self._forward_backward(
             forward_step_func=self._forward_step,
-            data_iterator=iter(microbatches),
+            data_iterator=iter(indexed),
             model=[self.model],
             num_microbatches=len(microbatches),
             seq_length=self.cfg.data.seq_length,

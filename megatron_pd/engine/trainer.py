@@ -201,8 +201,8 @@ class Trainer:
             f"{self.module.num_parameters():,} parameters, peak {self.peak_tflops or 0:.2f} "
             f"TFLOP/s per device ({self.peak_source})"
         )
-        if self.distill and cfg.train.eval_interval:
-            self.teacher_check(logger)
+        if self.distill and cfg.train.eval_interval and self.step == 0:
+            self.teacher_check(logger)  # once per run (a resumed run logged it already)
         stop = _StopRequest()
         last = {}
         interrupted = False

@@ -118,6 +118,7 @@ class FrozenTeacher:
         is missing or mismatched."""
         from megatron.core import dist_checkpointing
         from megatron.core.dist_checkpointing.validation import StrictHandling
+        from torch.distributed.checkpoint.api import CheckpointException
 
         for param in self.model.parameters():
             param.fill_(float("nan"))
@@ -127,7 +128,8 @@ class FrozenTeacher:
                 state, checkpoint_dir, strict=StrictHandling.RAISE_UNEXPECTED
             )
             self.model.load_state_dict(loaded["model"], strict=True)
-        except Exception as err:  # megatron raises several types for shape/key mismatches
+        except (Exception, CheckpointException) as err:  # several types, one of them a
+            # BaseException (torch.distributed.checkpoint's), for shape and key mismatches
             raise ValueError(
                 f"teacher checkpoint {checkpoint_dir} does not fit the teacher "
                 f"model ({type(err).__name__}: {str(err)[:300]})"
@@ -153,6 +155,7 @@ class FrozenTeacher:
         if self.pp_size == 1:
             return self.model(tokens_BS, positions, mask)
         from megatron.core.pipeline_parallel import get_forward_backward_func
+        from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 
         out = {}
 
@@ -176,6 +179,7 @@ class FrozenTeacher:
             micro_batch_size=batch,
             forward_only=True,
             pg_collection=self.groups,
+            p2p_communicator=P2PCommunicator(self.groups.pp, self.model.config),
         )
         return out.get("logits")
 

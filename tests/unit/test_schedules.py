@@ -124,3 +124,34 @@ def test_wsd_lr_matches_megatron(ours_shape, theirs):
     )
     expected = megatron_lrs("WSD", wsd_style=theirs, decay_steps=40)
     assert values(ours) == pytest.approx(expected, abs=1e-15)
+
+
+def test_wsd_alpha_aligned_with_wsd_lr():
+    from megatron_pd.config import load_config
+
+    cfg = load_config(
+        None,
+        [
+            "--lr_schedule.style=wsd",
+            "--lr_schedule.warmup_steps=10",
+            "--lr_schedule.decay_fraction=0.25",
+            "--lr_schedule.decay_shape=sqrt",
+            "--distill.preset=pd_star",
+        ],
+    )
+    alpha = cfg.alpha_schedule()
+    assert (alpha.style, alpha.warmup_steps, alpha.decay_fraction, alpha.decay_shape) == (
+        "wsd",
+        10,
+        0.25,
+        "sqrt",
+    )
+    assert schedule_value(alpha, 0, TOTAL) == 0.0
+    assert schedule_value(alpha, 5, TOTAL) == pytest.approx(0.45)
+    assert schedule_value(alpha, 100, TOTAL) == pytest.approx(0.9)
+    # Decays exactly when (and like) the learning rate does.
+    for step in (150, 160, 180, 200):
+        lr_fraction = (schedule_value(cfg.lr_schedule, step, TOTAL) - cfg.lr_schedule.final) / (
+            cfg.lr_schedule.value - cfg.lr_schedule.final
+        )
+        assert schedule_value(alpha, step, TOTAL) == pytest.approx(0.9 * lr_fraction)
