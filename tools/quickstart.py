@@ -1,14 +1,18 @@
-"""The quickstart: the whole pipeline on the Python standard library source, on CPU.
+"""The quickstart: pre-training distillation end to end on the Python stdlib source, on CPU.
 
-    python tools/quickstart.py                 # data -> pre-training on 2 ranks -> report
-    python tools/quickstart.py --nproc 1 --steps 50
+    python tools/quickstart.py                   # about 14 minutes on 2 cores
+    python tools/quickstart.py --seeds 1 --steps-scale 0.1   # a 2-minute smoke run
 
-Stages (each skipped when its output exists, so a rerun resumes):
+Stages (each resumes or is skipped when its output exists, so a rerun continues):
   1. data      train a 4k BPE SentencePiece tokenizer on the stdlib source of this Python and
                tokenize it to megatron .bin/.idx (about 4M tokens)
-  2. pretrain  pre-train a small GPT with ``torchrun --nproc_per_node=N -m megatron_pd.train``
-               (data-parallel over N gloo ranks) using examples/configs/quickstart_lm.yaml
-  3. report    print the validation-loss table and save a loss-curve PNG
+  2. teacher   pre-train a 3.2M-parameter teacher (examples/configs/quickstart_teacher.yaml)
+  3. students  for each seed: a 0.6M-parameter student distilled online from the frozen teacher
+               (examples/configs/quickstart_pd.yaml) and the same student trained LM-only on
+               the same tokens (the baseline); every run is
+               ``torchrun --nproc_per_node=N -m megatron_pd.train`` on N gloo ranks
+  4. report    the validation-loss table (teacher, baseline and PD student per seed, the PD
+               margin) and a PNG of the students' validation curves
 
 Outputs go to ``--workdir`` (default runs/quickstart).
 """
@@ -77,9 +81,12 @@ def torchrun(nproc: int, config: str, overrides: list, log_path: str) -> None:
             raise SystemExit(f"training failed (exit {proc.returncode}); log: {log_path}")
 
 
-def stage_pretrain(
-    workdir: str, data: dict, nproc: int, steps: int | None, name: str, config: str, extra: list
+def stage_train(
+    workdir: str, data: dict, nproc: int, scale: float, name: str, config: str, extra: list
 ) -> str:
+    """One training run (resumed if interrupted, a no-op if complete)."""
+    from megatron_pd.config.loader import load_config
+
     run_dir = os.path.join(workdir, name)
     overrides = [
         f"--run_dir={run_dir}",
@@ -88,8 +95,15 @@ def stage_pretrain(
         f"--data.cache_dir={os.path.join(workdir, 'data', 'cache')}",
         *extra,
     ]
-    if steps is not None:
-        overrides.append(f"--train.train_steps={steps}")
+    if scale != 1.0:
+        base = load_config(os.path.join(REPO, config))
+        steps = max(4, int(base.train.train_steps * scale))
+        overrides += [
+            f"--train.train_steps={steps}",
+            f"--train.eval_interval={max(2, steps // 3)}",
+            f"--checkpoint.save_interval={steps // 2}",
+            f"--lr_schedule.warmup_steps={max(1, steps // 10)}",
+        ]
     print(
         f"[{name}] torchrun --nproc_per_node={nproc} -m megatron_pd.train --config {config} "
         + " ".join(overrides)
@@ -98,14 +112,16 @@ def stage_pretrain(
     return run_dir
 
 
+def held_out_lm_loss(run_dir: str) -> list:
+    """(step, LM loss) of every validation of a run (a distilled run's "loss" mixes in the
+    KD term; its "lm_loss" is the comparable number)."""
+    rows = read_metrics(os.path.join(run_dir, "metrics.jsonl"), "valid")
+    return [(r["step"], r.get("lm_loss", r["loss"])) for r in rows]
+
+
 def validation_table(runs: dict) -> str:
-    """Markdown table: validation loss of each run at each evaluation step."""
-    curves = {
-        name: {
-            r["step"]: r["loss"] for r in read_metrics(os.path.join(d, "metrics.jsonl"), "valid")
-        }
-        for name, d in runs.items()
-    }
+    """Markdown table: held-out LM loss of each run at each evaluation step."""
+    curves = {name: dict(held_out_lm_loss(d)) for name, d in runs.items()}
     steps = sorted({s for curve in curves.values() for s in curve})
     lines = ["| step | " + " | ".join(curves) + " |", "|---" * (len(curves) + 1) + "|"]
     for step in steps:
@@ -114,31 +130,45 @@ def validation_table(runs: dict) -> str:
     return "\n".join(lines)
 
 
+def summary_table(teacher_dir: str, pairs: dict) -> tuple:
+    """Final held-out LM loss of the teacher and of each seed's students; (markdown, PD won
+    in every seed)."""
+    teacher = held_out_lm_loss(teacher_dir)[-1][1]
+    lines = [
+        "| model | seed | held-out LM loss (nats/token) | PD margin |",
+        "|---|---|---|---|",
+        f"| teacher (3.2M params) | - | {teacher:.4f} | |",
+    ]
+    won = True
+    for seed, (baseline_dir, pd_dir) in pairs.items():
+        base = held_out_lm_loss(baseline_dir)[-1][1]
+        pd = held_out_lm_loss(pd_dir)[-1][1]
+        won &= pd < base
+        lines.append(f"| student, LM-only baseline (0.6M) | {seed} | {base:.4f} | |")
+        lines.append(f"| student, online PD (0.6M) | {seed} | {pd:.4f} | {base - pd:+.4f} |")
+    return "\n".join(lines), won
+
+
 def plot_curves(runs: dict, path: str, title: str) -> None:
+    """Held-out LM loss of each run (markers) over its training LM loss (10-step mean)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(8, 4.8))
     for name, run_dir in runs.items():
-        metrics = os.path.join(run_dir, "metrics.jsonl")
-        train = read_metrics(metrics, "train")
-        valid = read_metrics(metrics, "valid")
-        steps = [r["step"] for r in train]
-        window = 10
-        smooth = [
-            sum(r["loss"] for r in train[max(0, i - window + 1) : i + 1])
-            / (i - max(0, i - window + 1) + 1)
-            for i in range(len(train))
-        ]
-        (line,) = ax.plot(steps, smooth, alpha=0.5, label=f"{name} train (10-step mean)")
+        train = read_metrics(os.path.join(run_dir, "metrics.jsonl"), "train")
+        lm = [r.get("lm_loss", r["loss"]) for r in train]
+        smooth = [sum(lm[max(0, i - 9) : i + 1]) / (i - max(0, i - 9) + 1) for i in range(len(lm))]
+        (line,) = ax.plot([r["step"] for r in train], smooth, alpha=0.35)
+        valid = held_out_lm_loss(run_dir)
         ax.plot(
-            [r["step"] for r in valid],
-            [r["loss"] for r in valid],
+            [s for s, _ in valid],
+            [v for _, v in valid],
             "o-",
             color=line.get_color(),
-            label=f"{name} validation",
+            label=f"{name}: held-out (faint: train)",
         )
     ax.set_xlabel("step")
     ax.set_ylabel("LM loss (nats/token)")
@@ -154,20 +184,53 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", default=os.path.join(REPO, "runs", "quickstart"))
     parser.add_argument("--nproc", type=int, default=2, help="ranks (data-parallel)")
-    parser.add_argument("--steps", type=int, help="override the config's train_steps")
+    parser.add_argument("--seeds", type=int, default=2, help="student seeds (initialisation)")
+    parser.add_argument(
+        "--steps-scale", type=float, default=1.0, help="scale every run's steps (0.1: a smoke run)"
+    )
     args = parser.parse_args(argv)
     start = time.monotonic()
-    workdir = os.path.abspath(args.workdir)
+    workdir, scale = os.path.abspath(args.workdir), args.steps_scale
     data = stage_data(workdir)
-    lm = stage_pretrain(
-        workdir, data, args.nproc, args.steps, "lm", "examples/configs/quickstart_lm.yaml", []
+    teacher = stage_train(
+        workdir, data, args.nproc, scale, "teacher", "examples/configs/quickstart_teacher.yaml", []
     )
-    runs = {"lm": lm}
-    print("\nValidation loss (nats/token) on held-out stdlib files:\n")
-    print(validation_table(runs))
-    png = os.path.join(workdir, "loss_curve.png")
-    plot_curves(runs, png, "megatron_pd quickstart: pre-training on the Python stdlib")
-    print(f"\nloss curve: {png}")
+    pairs, runs = {}, {}
+    for seed in range(1, args.seeds + 1):
+        init = [f"--train.seed={1000 + seed}"]
+        pd = stage_train(
+            workdir,
+            data,
+            args.nproc,
+            scale,
+            f"pd_seed{seed}",
+            "examples/configs/quickstart_pd.yaml",
+            init + [f"--distill.teacher.load={teacher}"],
+        )
+        baseline = stage_train(
+            workdir,
+            data,
+            args.nproc,
+            scale,
+            f"baseline_seed{seed}",
+            "examples/configs/quickstart_pd.yaml",
+            init + ["--distill.teacher.load=null"],
+        )
+        pairs[seed] = (baseline, pd)
+        runs[f"LM-only seed {seed}"], runs[f"PD seed {seed}"] = baseline, pd
+    print("\nHeld-out LM loss (nats/token) on held-out stdlib files, by step:\n")
+    print(validation_table({"teacher": teacher, **runs}))
+    table, won = summary_table(teacher, pairs)
+    print("\nFinal held-out LM loss:\n")
+    print(table)
+    verdict = "lower" if won else "NOT lower"
+    print(
+        f"\nPD student vs LM-only baseline: {verdict} held-out LM loss in "
+        f"{'all ' if len(pairs) > 1 else ''}{len(pairs)} seed(s)"
+    )
+    png = os.path.join(workdir, "loss_curves.png")
+    plot_curves(runs, png, "megatron_pd quickstart: online PD vs LM-only student, Python stdlib")
+    print(f"loss curves: {png}")
     print(f"quickstart finished in {format_duration(time.monotonic() - start)}")
     return 0
 
