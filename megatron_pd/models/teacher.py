@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_pd.config.schema import ModelConfig
-from megatron_pd.models.gpt import VocabInfo, build_gpt_model, causal_attention_mask
+from megatron_pd.models.gpt import VocabInfo, build_gpt_model, causal_attention_mask, seed_rngs
 from megatron_pd.models.init import sharding_metadata
 
 
@@ -102,6 +102,10 @@ class FrozenTeacher:
         self.dtype = dtype
         self.pp_size = dist.get_world_size(groups.pp)
         self.is_last_stage = dist.get_rank(groups.pp) == self.pp_size - 1
+        from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+        if not get_cuda_rng_tracker().is_initialized():  # a teacher alone (e.g. a logit dump)
+            seed_rngs(seed, dist.get_rank(groups.tp))
         self.model = build_gpt_model(
             model_cfg, vocab, groups, dtype, seed=seed, max_sequence_length=max_sequence_length
         )
