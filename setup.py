@@ -23,6 +23,8 @@ setup(
         # dist_checkpointing hangs on save without psutil.
         "psutil",
         "matplotlib>=3.7",
+        # Compression of the offline logits store.
+        "zstandard>=0.22",
     ],
     extras_require={
         # GPU extras, imported lazily; the local layer spec and torch norms are used without them.

@@ -34,6 +34,8 @@ def _absolute_paths(cfg) -> None:
     cfg.checkpoint.save_dir = absolute(cfg.checkpoint.save_dir)
     cfg.checkpoint.load_dir = absolute(cfg.checkpoint.load_dir)
     cfg.distill.teacher.load = absolute(cfg.distill.teacher.load)
+    cfg.distill.store = absolute(cfg.distill.store)
+    cfg.train.record_logits = absolute(cfg.train.record_logits)
 
 
 def _is_number(text: str) -> bool:
@@ -161,11 +163,27 @@ def run(cfg) -> dict:
         cfg.data.cache_dir or os.path.join(cfg.run_dir, "data_cache"),
     )
     if cfg.distill.enabled:
+        from megatron_pd.data.datasets import SampleIds
         from megatron_pd.engine.distill_module import DistillTrainModule
 
-        module = DistillTrainModule(cfg, groups, vocab_size, dp, tokenizer.fingerprint)
+        fingerprints = {}
+        if cfg.distill.offline:  # the store must describe exactly these samples
+            fingerprints = {
+                name: SampleIds(getattr(splits, name)).fingerprint()
+                for name in ("train", "valid")
+                if getattr(splits, name) is not None
+            }
+        module = DistillTrainModule(
+            cfg, groups, vocab_size, dp, tokenizer.fingerprint, fingerprints
+        )
     else:
         module = TrainModule(cfg, groups, vocab_size, dp)
+    if cfg.train.record_logits:
+        from megatron_pd.data.datasets import SampleIds
+
+        module.enable_recording(
+            cfg.train.record_logits, SampleIds(splits.train), tokenizer.fingerprint
+        )
     save_dir = cfg.checkpoint.save_dir or os.path.join(cfg.run_dir, "checkpoints")
     checkpoints = CheckpointManager(save_dir, cfg.checkpoint.keep_last, cfg.checkpoint.async_save)
     trainer = Trainer(

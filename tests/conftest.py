@@ -48,3 +48,38 @@ def tiny_corpus(tmp_path_factory):
     prefix = str(root / "text_document")
     preprocess(files, prefix, model, workers=1, progress=False)
     return {"tokenizer": model, "prefix": prefix, "files": files, "root": root}
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tiny_corpus, tmp_path_factory):
+    """The tiny corpus's tokenizer over only 12 files (a logits store of it dumps fast)."""
+    from megatron_pd.data.preprocess import preprocess
+
+    root = tmp_path_factory.mktemp("small_corpus")
+    prefix = str(root / "text_document")
+    preprocess(tiny_corpus["files"][:12], prefix, tiny_corpus["tokenizer"], progress=False)
+    return {
+        "tokenizer": tiny_corpus["tokenizer"],
+        "prefix": prefix,
+        "files": tiny_corpus["files"][:12],
+        "root": root,
+    }
+
+
+@pytest.fixture(scope="session")
+def teacher_run(tiny_corpus, tmp_path_factory):
+    """A briefly trained teacher run directory (config.yaml + checkpoint) on the tiny data."""
+    from _dist import run_distributed
+    from _runs import run_args, train_in_ranks
+
+    run_dir = tmp_path_factory.mktemp("teacher_run")
+    args = run_args(
+        tiny_corpus,
+        run_dir,
+        "--train.train_steps=3",
+        "--model.num_layers=3",
+        "--model.hidden_size=96",
+        "--train.eval_interval=0",
+    )
+    run_distributed(train_in_ranks, 1, args)
+    return run_dir

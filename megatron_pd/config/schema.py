@@ -207,6 +207,11 @@ class TrainConfig:
     """auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16 (mixed precision, fp32 master)."""
     stop_after_steps: Optional[int] = None
     """Stop (without a final checkpoint) once this step is done; for tests of resumption."""
+    record_logits: Optional[str] = None
+    """Record this run's own top-p-k logits of every training sample into a logits store at
+    this path (the paper's "online logits" of a teacher's pre-training)."""
+    record_truncation: str = "top-0.95-100"
+    """The truncation of recorded logits (top-P-K)."""
 
     def __post_init__(self):
         _positive("train.micro_batch_size", self.micro_batch_size)
@@ -226,6 +231,15 @@ class TrainConfig:
             _fail("train.eval_interval", self.eval_interval, "must be >= 0")
         _positive("train.eval_batches", self.eval_batches)
         _choice("train.precision", self.precision, PRECISIONS)
+        if self.record_logits is not None:
+            from megatron_pd.logits.truncation import TruncationSpec
+
+            try:
+                TruncationSpec.parse(self.record_truncation)
+            except ValueError as err:
+                raise ValueError(
+                    f"train.record_truncation={self.record_truncation!r}: {err}"
+                ) from None
 
 
 @dataclass
@@ -380,6 +394,9 @@ class DistillConfig:
     exchange: str = "auto"
     """How teacher outputs reach the student ranks: dense (vocab slices), sparse (kept
     entries; needs truncation) or auto (sparse when truncating)."""
+    store: Optional[str] = None
+    """Offline distillation: a logits store written by tools/dump_teacher_logits.py (or by a
+    teacher's pre-training run) instead of a live teacher."""
 
     def __post_init__(self):
         _choice("distill.loss", self.loss, KD_LOSSES)
@@ -410,6 +427,17 @@ class DistillConfig:
                 raise ValueError(f"distill.truncation={self.truncation!r}: {err}") from None
         elif self.exchange == "sparse":
             _fail("distill.exchange", "sparse", "needs distill.truncation (e.g. top-0.95-100)")
+        if self.store is not None and self.teacher.load is not None:
+            _fail(
+                "distill.store",
+                self.store,
+                "and distill.teacher.load are exclusive: train "
+                "from the store or from a live teacher",
+            )
+        if self.store is not None and self.loss == "mse_logits":
+            _fail("distill.loss", "mse_logits", "needs the full teacher (a store is truncated)")
+        if self.store is not None and self.loss == "reverse_kl" and not self.tail:
+            _fail("distill.loss", "reverse_kl", "from a store needs distill.tail=true")
         if self.truncation is not None and self.loss == "mse_logits":
             _fail("distill.loss", "mse_logits", "needs the full teacher (truncation=null)")
         if self.truncation is not None and self.loss == "reverse_kl" and not self.tail:
@@ -417,7 +445,11 @@ class DistillConfig:
 
     @property
     def enabled(self) -> bool:
-        return self.teacher.load is not None
+        return self.teacher.load is not None or self.store is not None
+
+    @property
+    def offline(self) -> bool:
+        return self.store is not None
 
     @property
     def exchange_mode(self) -> str:

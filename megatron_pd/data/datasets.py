@@ -210,6 +210,65 @@ class GlobalBatchSampler:
         ]
 
 
+class SampleIds:
+    """Unshuffled, global ids of the samples of a (possibly blended) GPTDataset split.
+
+    Megatron shuffles samples with ``shuffle_index``; the id of a sample *before* shuffling
+    (offset by the preceding blend components) names the same token window whatever the batch
+    sizes, data-parallel size or consumption order - the key of the offline logits store.
+    """
+
+    def __init__(self, dataset):
+        self.blend = dataset if hasattr(dataset, "dataset_index") else None
+        self.components = list(dataset.datasets) if self.blend is not None else [dataset]
+        lengths = [len(c) for c in self.components]
+        self.offsets = numpy.concatenate([[0], numpy.cumsum(lengths)]).astype(numpy.int64)
+        self._inverse: dict = {}
+
+    @property
+    def total(self) -> int:
+        return int(self.offsets[-1])
+
+    def of(self, indices) -> numpy.ndarray:
+        """Global unshuffled ids of shuffled split indices."""
+        indices = numpy.asarray(indices, dtype=numpy.int64)
+        if self.blend is None:
+            return self.components[0].shuffle_index[indices].astype(numpy.int64)
+        component = self.blend.dataset_index[indices].astype(numpy.int64)
+        within = self.blend.dataset_sample_index[indices].astype(numpy.int64)
+        ids = numpy.empty(len(indices), dtype=numpy.int64)
+        for c in numpy.unique(component):
+            sel = component == c
+            ids[sel] = self.offsets[c] + self.components[c].shuffle_index[within[sel]]
+        return ids
+
+    def sample(self, global_id: int) -> dict:
+        """The megatron sample (tokens, labels, ...) with this unshuffled id."""
+        c = int(numpy.searchsorted(self.offsets, global_id, side="right") - 1)
+        if c not in self._inverse:
+            shuffle = self.components[c].shuffle_index
+            inverse = numpy.empty_like(shuffle)
+            inverse[shuffle] = numpy.arange(len(shuffle), dtype=shuffle.dtype)
+            self._inverse[c] = inverse
+        return self.components[c][int(self._inverse[c][global_id - self.offsets[c]])]
+
+    def fingerprint(self) -> str:
+        """Hash of what defines every sample: token files, windows (document and sample
+        indices, which the split, seed and sequence length produce) and sequence length."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        for component in self.components:
+            path = component.dataset_path
+            with open(path + ".idx", "rb") as f:
+                digest.update(hashlib.sha256(f.read()).digest())
+            digest.update(str(os.path.getsize(path + ".bin")).encode())
+            digest.update(str(component.config.sequence_length).encode())
+            digest.update(numpy.ascontiguousarray(component.document_index).tobytes())
+            digest.update(numpy.ascontiguousarray(component.sample_index).tobytes())
+        return digest.hexdigest()[:24]
+
+
 def collate(samples: list) -> dict:
     """Stack megatron samples into a batch: tokens, labels, loss_mask, position_ids [B, S]."""
     batch = {
@@ -219,10 +278,17 @@ def collate(samples: list) -> dict:
     return batch
 
 
-def microbatches(dataset, sampler: GlobalBatchSampler, consumed_samples: int) -> list:
-    """This rank's collated micro-batches of the next global batch (wrapping around)."""
+def microbatches(
+    dataset, sampler: GlobalBatchSampler, consumed_samples: int, ids: SampleIds | None = None
+) -> list:
+    """This rank's collated micro-batches of the next global batch (wrapping around); with
+    ``ids``, each carries ``sample_ids`` (unshuffled, global) too."""
     size = len(dataset)
-    return [
-        collate([dataset[i % size] for i in indices])
-        for indices in sampler.microbatch_indices(consumed_samples)
-    ]
+    batches = []
+    for indices in sampler.microbatch_indices(consumed_samples):
+        wrapped = [i % size for i in indices]
+        batch = collate([dataset[i] for i in wrapped])
+        if ids is not None:
+            batch["sample_ids"] = torch.from_numpy(ids.of(wrapped))
+        batches.append(batch)
+    return batches

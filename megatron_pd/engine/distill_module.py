@@ -18,6 +18,7 @@ instead, so only one micro-batch of dense teacher logits is held at a time.
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -55,10 +56,31 @@ class DistillTrainModule(TrainModule):
         true_vocab_size: int,
         dp_size: int,
         tokenizer_fingerprint: str | None = None,
+        dataset_fingerprints: dict | None = None,
     ):
         super().__init__(cfg, groups, true_vocab_size, dp_size)
         distill = cfg.distill
-        world, self.rank = dist.get_world_size(), dist.get_rank()
+        self.rank = dist.get_rank()
+        self.stores = {}
+        self.teacher = self.plan = self.truncation = None
+        if distill.offline:
+            self._init_store(
+                distill.store, true_vocab_size, tokenizer_fingerprint, dataset_fingerprints or {}
+            )
+        else:
+            self._init_live(distill, true_vocab_size, tokenizer_fingerprint)
+        self.just_in_time = (
+            not distill.offline and distill.exchange_mode == "dense" and self.pp_size == 1
+        )
+        self.alpha, self.tau = 1.0, 1.0
+        self._payloads: list = []
+        self._bytes = {"bytes": 0}
+        self._teacher_seconds = 0.0
+
+    def _init_live(self, distill, true_vocab_size: int, tokenizer_fingerprint) -> None:
+        """A frozen teacher in this job, with its own layout, and the exchange plan."""
+        world = dist.get_world_size()
+        cfg = self.cfg
         checkpoint, run_config = resolve_teacher_source(distill.teacher.load)
         self.teacher_checkpoint = checkpoint
         teacher_cfg = teacher_model_config(distill.teacher, run_config)
@@ -97,11 +119,40 @@ class DistillTrainModule(TrainModule):
             if distill.truncation
             else None
         )
-        self.just_in_time = distill.exchange_mode == "dense" and self.pp_size == 1
-        self.alpha, self.tau = 1.0, 1.0
-        self._payloads: list = []
-        self._bytes = {"bytes": 0}
-        self._teacher_seconds = 0.0
+
+    def _init_store(
+        self,
+        store_dir: str,
+        true_vocab_size: int,
+        tokenizer_fingerprint,
+        dataset_fingerprints: dict,
+    ) -> None:
+        """Offline: teacher entries come from a logits store, checked before step 1."""
+        from megatron_pd.logits.store import StoreReader
+
+        for split in ("train", "valid"):
+            path = os.path.join(store_dir, split)
+            if not os.path.isdir(path):
+                if split == "train":
+                    raise ValueError(f"distill.store={store_dir} has no train split")
+                continue  # validation then measures the LM loss only
+            reader = StoreReader(path)
+            expected = {
+                "vocab_size": true_vocab_size,
+                "dataset": {
+                    "seq_length": self.cfg.data.seq_length,
+                    "split_name": split,
+                    "split": self.cfg.data.split,
+                    "seed": self.cfg.data.seed,
+                },
+            }
+            if tokenizer_fingerprint:
+                expected["tokenizer_fingerprint"] = tokenizer_fingerprint
+            if split in dataset_fingerprints:
+                expected["dataset"]["fingerprint"] = dataset_fingerprints[split]
+            reader.check(expected)
+            self.stores[split] = reader
+        self.slots = self.stores["train"].slots
 
     # ------------------------------------------------------------------ the teacher side
     def loss_spec(self) -> LossSpec:
@@ -119,9 +170,14 @@ class DistillTrainModule(TrainModule):
     def teacher_payload(self, batch: dict):
         """The teacher's distribution for this rank's micro-batch (loss ranks; else None).
 
-        Collective over the whole world, in the same order on every rank.
+        Live teacher: collective over the whole world, in the same order on every rank.
+        Store: every loss rank reads its samples itself (no communication).
         """
         start = time.perf_counter()
+        if self.stores:
+            payload = self._store_payload(batch)
+            self._teacher_seconds += time.perf_counter() - start
+            return payload
         tokens = batch["tokens"]
         size, seq = tokens.shape
         union = gather_union_tokens(
@@ -178,16 +234,38 @@ class DistillTrainModule(TrainModule):
         self._teacher_seconds += time.perf_counter() - start
         return payload
 
+    def _store_payload(self, batch: dict):
+        if not self.is_last_stage:
+            return None
+        reader = self.stores.get(batch.get("split", "train"))
+        if reader is None:
+            return None
+        ids, logp = reader.get_many(batch["sample_ids"].tolist())
+        return SparseTeacher(
+            torch.from_numpy(ids).view(-1, self.slots).to(self.device),
+            torch.from_numpy(logp).view(-1, self.slots).to(self.device),
+        )
+
+    def prefetch(self, split: str, sample_ids) -> None:
+        """Start decoding the next step's samples (offline distillation)."""
+        if split in self.stores and self.is_last_stage:
+            self.stores[split].prefetch(sample_ids)
+
     # ------------------------------------------------------------------ the student side
     def loss_terms(self, logits_BSv: torch.Tensor, batch: dict) -> dict:
         teacher = batch.get("teacher")
         if teacher is None:
             teacher = self._payloads[batch["microbatch"]]
+        spec = self.loss_spec()
+        if teacher is None:  # a store without this split (e.g. recorded: no valid split)
+            from dataclasses import replace
+
+            spec = replace(spec, alpha=0.0)
         out = distillation_loss(
             logits_BSv.reshape(-1, logits_BSv.shape[-1]),
             batch["labels"].reshape(-1),
             teacher,
-            self.loss_spec(),
+            spec,
             self.vocab,
             self.groups.tp,
             impl=self.loss_impl,

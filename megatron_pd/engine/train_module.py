@@ -138,6 +138,8 @@ class TrainModule:
         self._forward_backward = get_forward_backward_func(pp_size=self.pp_size)
         self._report_names = None
         self.capture: list | None = None
+        self.recorder = None  # see enable_recording
+        self.step = 0  # the trainer's current step (recorded with logits)
 
     # ----------------------------------------------------------------- the loss
     def loss_terms(self, logits_BSv: torch.Tensor, batch: dict) -> dict:
@@ -158,7 +160,39 @@ class TrainModule:
         )
         return {"loss": out["loss"], "lm_loss": out["lm"]}
 
+    def enable_recording(self, store_dir: str, dataset_ids, tokenizer_fingerprint: str) -> None:
+        """Record this run's truncated training logits into a store (see logits/record.py)."""
+        from dataclasses import asdict
+
+        from megatron_pd.logits import store_format as F
+        from megatron_pd.logits.dump import dataset_header, truncation_header
+        from megatron_pd.logits.record import LogitRecorder
+        from megatron_pd.logits.truncation import TruncationSpec
+
+        spec = TruncationSpec.parse(self.cfg.train.record_truncation)
+        header = F.StoreHeader(
+            vocab_size=self.vocab.true_size,
+            tokenizer_fingerprint=tokenizer_fingerprint,
+            dataset=dataset_header(dataset_ids, "train", self.cfg.data),
+            teacher={"run_dir": self.cfg.run_dir, "model": asdict(self.cfg.model)},
+            truncation=truncation_header(spec),
+            source="pretraining",
+        )
+        self.recorder = LogitRecorder(
+            store_dir,
+            spec,
+            header,
+            self.vocab,
+            self.groups.tp,
+            self.is_last_stage,
+            dist.get_rank(self.groups.dp),
+        )
+
     def _loss_func(self, batch: dict, logits_BSv: torch.Tensor):
+        if self.recorder is not None and self.model.training:
+            self.recorder.record(
+                logits_BSv.reshape(-1, logits_BSv.shape[-1]), batch["sample_ids"], self.step + 1
+            )
         terms = self.loss_terms(logits_BSv, batch)
         if self.capture is not None:  # per-token values, for tests and debugging
             self.capture.append(

@@ -15,7 +15,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from megatron_pd.data.datasets import GlobalBatchSampler, microbatches
+from megatron_pd.data.datasets import GlobalBatchSampler, SampleIds, microbatches
 from megatron_pd.engine.flops import peak_tflops, train_flops_per_token
 from megatron_pd.engine.metrics import MetricsLogger, Stopwatch
 from megatron_pd.engine.schedules import schedule_value
@@ -86,6 +86,11 @@ class Trainer:
         self.consumed_samples = 0
         self.tokenizer_fingerprint = tokenizer_fingerprint
         self.distill = cfg.distill.enabled
+        self.sample_ids = {
+            name: SampleIds(getattr(splits, name))
+            for name in ("train", "valid")
+            if getattr(splits, name) is not None
+        }
         self.is_logging_rank = dist.get_rank() == 0
         flops = train_flops_per_token(cfg.model, module.vocab.padded_size, cfg.data.seq_length)
         self.flops_per_token = flops
@@ -113,10 +118,24 @@ class Trainer:
                 )
         self.step = int(state.get("step", 0))
         self.consumed_samples = int(state.get("consumed_samples", 0))
+        if self.module.recorder is not None:
+            self.module.recorder.discard_after(self.step)
 
     # ------------------------------------------------------------------ loop
-    def _batches(self, dataset, consumed_samples: int) -> list:
-        return microbatches(dataset, self.sampler, consumed_samples)
+    def _batches(self, split: str, consumed_samples: int) -> list:
+        """This rank's micro-batches of a split (with unshuffled sample ids and the split)."""
+        dataset = getattr(self.splits, split)
+        batches = microbatches(dataset, self.sampler, consumed_samples, self.sample_ids[split])
+        return [dict(batch, split=split) for batch in batches]
+
+    def _prefetch(self, split: str, consumed_samples: int) -> None:
+        """Let an offline-distillation module start reading the next step's teacher entries."""
+        prefetch = getattr(self.module, "prefetch", None)
+        if prefetch is None or not self.cfg.distill.offline:
+            return
+        size = len(getattr(self.splits, split))
+        indices = [i % size for m in self.sampler.microbatch_indices(consumed_samples) for i in m]
+        prefetch(split, self.sample_ids[split].of(indices))
 
     def train_values(self, result, lr: float, seconds: float) -> dict:
         """What one train step logs (extended by the distillation trainer)."""
@@ -151,9 +170,7 @@ class Trainer:
         import math
 
         gbs = self.cfg.train.global_batch_size
-        batches = [
-            self._batches(self.splits.valid, i * gbs) for i in range(self.cfg.train.eval_batches)
-        ]
+        batches = [self._batches("valid", i * gbs) for i in range(self.cfg.train.eval_batches)]
         totals = [self.module.teacher_eval(b) for b in batches]
         tokens = sum(t["tokens"] for t in totals)
         loss = sum(t["loss"] * t["tokens"] for t in totals) / max(tokens, 1)
@@ -172,7 +189,7 @@ class Trainer:
         totals, tokens = {}, 0
         gbs = self.cfg.train.global_batch_size
         for index in range(self.cfg.train.eval_batches):
-            result = self.module.eval_step(self._batches(self.splits.valid, index * gbs))
+            result = self.module.eval_step(self._batches("valid", index * gbs))
             for name, value in {"loss": result.loss, **result.extras}.items():
                 totals[name] = totals.get(name, 0.0) + value * result.tokens
             tokens += result.tokens
@@ -201,16 +218,18 @@ class Trainer:
             f"{self.module.num_parameters():,} parameters, peak {self.peak_tflops or 0:.2f} "
             f"TFLOP/s per device ({self.peak_source})"
         )
-        if self.distill and cfg.train.eval_interval and self.step == 0:
+        if self.distill and not cfg.distill.offline and cfg.train.eval_interval and self.step == 0:
             self.teacher_check(logger)  # once per run (a resumed run logged it already)
         stop = _StopRequest()
         last = {}
         interrupted = False
         try:
             while self.step < self.total_steps:
-                batches = self._batches(self.splits.train, self.consumed_samples)
+                batches = self._batches("train", self.consumed_samples)
+                self._prefetch("train", self.consumed_samples + cfg.train.global_batch_size)
                 scheduled = self.schedules(self.step)
                 lr = scheduled.pop("lr")
+                self.module.step = self.step
                 with Stopwatch() as watch:
                     result = self.module.train_step(batches, lr, **scheduled)
                 self.step += 1
@@ -238,6 +257,9 @@ class Trainer:
                     last.update({f"valid_{k}": v for k, v in self.evaluate(logger).items()})
                 if cfg.checkpoint.final_save:
                     self.save(logger)
+                if self.module.recorder is not None:
+                    self.module.recorder.finish(self.step)
+                    logger.text(f"recorded logits: {cfg.train.record_logits}")
         finally:
             self.checkpoints.close()
             stop.restore()
@@ -245,6 +267,8 @@ class Trainer:
         return last
 
     def save(self, logger: MetricsLogger) -> None:
+        if self.module.recorder is not None:  # recorded logits stay in step with checkpoints
+            self.module.recorder.flush(self.step)
         start = time.perf_counter()
         path = self.checkpoints.save(self.module, self.step, self.trainer_state())
         kind = "scheduled (async)" if self.checkpoints.async_save else "saved"

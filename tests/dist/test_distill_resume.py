@@ -4,20 +4,11 @@ alpha and tau schedules included; the teacher is a real (briefly trained) run di
 import pytest
 
 from _dist import run_distributed
-from test_resume import losses, run_args, train_in_ranks
+from _runs import losses, run_args, train_in_ranks
 
 from megatron_pd.config import load_config
 from megatron_pd.engine.metrics import read_metrics
 from megatron_pd.engine.schedules import schedule_value
-
-
-@pytest.fixture(scope="module")
-def teacher_run(tiny_corpus, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("teacher_run")
-    args = run_args(tiny_corpus, run_dir, "--train.train_steps=3", "--model.num_layers=3",
-                    "--model.hidden_size=96", "--train.eval_interval=0")
-    run_distributed(train_in_ranks, 1, args)
-    return run_dir
 
 
 def distill_args(corpus, run_dir, teacher, *extra):

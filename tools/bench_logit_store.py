@@ -1,0 +1,279 @@
+"""Benchmark the offline logits store on the quickstart's stdlib teacher, side by side.
+
+    python tools/bench_logit_store.py                  # needs runs/quickstart/teacher
+    python tools/bench_logit_store.py --teacher RUN_DIR --samples 256
+
+Prints, on ``--samples`` samples of held-out stdlib code:
+  * bytes per token and kept entries per token for top-0.95-{inf,100,50}, top-1.0-{100,50}
+    and top-0.95-1, next to a plain int32-index + fp16-value layout and the paper's ~150
+    bytes/token (top-0.95-100 over a 151,552-token vocabulary);
+  * the value encoding's fidelity: mean KL between decoded and exact truncated teacher
+    distributions at 6, 7 and 8 bits;
+  * reader decode throughput on one core (cold cache, random order);
+  * offline PD step time / LM-only step time of the quickstart student (target <= 1.10),
+    on a store dumped here for a small corpus.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+TRUNCATIONS = [
+    "top-0.95-inf",
+    "top-0.95-100",
+    "top-0.95-50",
+    "top-1.0-100",
+    "top-1.0-50",
+    "top-0.95-1",
+]
+PAPER_BYTES_PER_TOKEN = 150
+
+
+def _teacher(run_dir: str):
+    import torch.distributed as dist
+
+    from megatron_pd.config.loader import load_config
+    from megatron_pd.models.gpt import VocabInfo
+    from megatron_pd.models.teacher import (
+        FrozenTeacher,
+        checkpoint_padded_vocab,
+        resolve_teacher_source,
+    )
+    from megatron_pd.parallel import topology
+
+    checkpoint, config_path = resolve_teacher_source(run_dir)
+    run_cfg = load_config(config_path)
+    groups = topology.init_student_groups(1, 1)
+    from megatron_pd.data.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(run_cfg.data.tokenizer_model)
+    vocab = VocabInfo(tokenizer.vocab_size, checkpoint_padded_vocab(checkpoint), 1, 0)
+    teacher = FrozenTeacher(run_cfg.model, vocab, groups, torch.float32, run_cfg.data.seq_length)
+    teacher.load(checkpoint)
+    return teacher, run_cfg, tokenizer, dist.group.WORLD
+
+
+def _samples(prefix: str, count: int, seq: int) -> torch.Tensor:
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    dataset = IndexedDataset(prefix)
+    flat = np.concatenate([dataset[i] for i in range(len(dataset) - 1, -1, -1)])[
+        : count * seq
+    ].astype(np.int64)  # the last documents: held out by the 98/2 split
+    return torch.from_numpy(flat).view(count, seq)
+
+
+def _shard_bytes(entries_ids, entries_logp, per_shard: int, bits: int) -> int:
+    from megatron_pd.logits import store_format as F
+    from megatron_pd.logits.store import compress_blocks
+
+    blocks = [
+        F.encode_sample(entries_ids[i], entries_logp[i], bits, 16.0)
+        for i in range(entries_ids.shape[0])
+    ]
+    total = 0
+    for start in range(0, len(blocks), per_shard):
+        dictionary, compressed = compress_blocks(blocks[start : start + per_shard], 9)
+        index = len(compressed) * (8 + 8 + 8 + 4) + 8
+        total += len(dictionary) + sum(len(c) for c in compressed) + index + 200
+    return total
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--teacher", default=os.path.join(REPO, "runs", "quickstart", "teacher"))
+    parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--per-shard", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=6)
+    args = parser.parse_args(argv)
+    from megatron_pd.logits.dump import kl_fidelity
+    from megatron_pd.logits.truncation import TruncationSpec, truncate_vocab_parallel
+    from megatron_pd.parallel import topology
+    from megatron_pd.platform import quiet_known_warnings
+
+    quiet_known_warnings()
+    torch.set_num_threads(2)
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29591")
+    topology.init_distributed()
+    if not os.path.isdir(args.teacher):
+        print(f"error: no teacher at {args.teacher} (run the quickstart first)", file=sys.stderr)
+        return 2
+    teacher, run_cfg, tokenizer, group = _teacher(args.teacher)
+    seq = run_cfg.data.seq_length
+    tokens = _samples(run_cfg.data.blend[-1], args.samples, seq)
+    logits = torch.cat([teacher.logits(tokens[i : i + 16]) for i in range(0, len(tokens), 16)])
+    flat = logits.reshape(-1, logits.shape[-1])
+    vocab = teacher.vocab.true_size
+    print(f"teacher {args.teacher}: V={vocab}, {args.samples} held-out samples x {seq} tokens")
+    print(
+        "\n| truncation | kept/token | store bytes/token | int32+fp16 bytes/token | "
+        "store/int32+fp16 | vs fp32 full logits |"
+    )
+    print("|---|---|---|---|---|---|")
+    kept_100 = None
+    for name in TRUNCATIONS:
+        spec = TruncationSpec.parse(name, k_cap=vocab)
+        kept = truncate_vocab_parallel(flat, teacher.vocab, spec, group)
+        ids = kept.indices.view(args.samples, seq, -1).numpy()
+        logp = kept.logprobs.view(args.samples, seq, -1).numpy()
+        per_token = (ids >= 0).sum() / (args.samples * seq)
+        stored = _shard_bytes(ids, logp, args.per_shard, 8) / (args.samples * seq)
+        plain = per_token * 6 + 2  # int32 id + fp16 value per entry, a uint16 count per token
+        print(
+            f"| {name} | {per_token:.1f} | {stored:.1f} | {plain:.1f} | {stored / plain:.2f} | "
+            f"{vocab * 4 / stored:.0f}x |"
+        )
+        if name == "top-0.95-100":
+            kept_100 = (ids, logp, per_token, stored)
+    print(
+        f"\npaper: ~{PAPER_BYTES_PER_TOKEN} bytes/token at top-0.95-100 (38 kept entries, "
+        f"V=151,552); here {kept_100[3]:.1f} bytes/token with {kept_100[2]:.1f} kept entries "
+        f"(target <= 120)"
+    )
+    from megatron_pd.logits import store_format as F
+
+    ids, logp = kept_100[0], kept_100[1]
+    valid = ids.reshape(-1, ids.shape[-1]) >= 0
+    print("\nvalue encoding fidelity at top-0.95-100 (mean KL(exact || decoded), nats/token):")
+    for bits in (8, 7, 6):
+        decoded = F.dequantize(F.quantize(logp, bits, 16.0), bits, 16.0)
+        kl = kl_fidelity(logp.reshape(valid.shape), decoded.reshape(valid.shape), valid)
+        size = _shard_bytes(ids, logp, args.per_shard, bits) / (args.samples * seq)
+        print(f"  {bits} bits: KL {kl:.2e}, {size:.1f} bytes/token")
+    _decode_throughput(ids, logp, seq, args)
+    _step_times(args, run_cfg)
+    return 0
+
+
+def _decode_throughput(ids, logp, seq, args) -> None:
+    from megatron_pd.logits import store_format as F
+    from megatron_pd.logits.store import StoreReader, StoreWriter
+
+    with tempfile.TemporaryDirectory() as tmp:
+        header = F.StoreHeader(
+            vocab_size=int(ids.max()) + 1,
+            tokenizer_fingerprint="bench",
+            dataset={"seq_length": seq},
+            teacher={},
+            truncation={"slots": ids.shape[-1]},
+        )
+        writer = StoreWriter(tmp, header)
+        shards = 0
+        for start in range(0, args.samples, args.per_shard):
+            members = list(range(start, min(start + args.per_shard, args.samples)))
+            writer.write_shard(
+                shards,
+                members,
+                [-1] * len(members),
+                [writer.encode(ids[i], logp[i]) for i in members],
+            )
+            shards += 1
+        writer.finish(shards)
+        torch.set_num_threads(1)
+        rates = []
+        for _ in range(3):
+            reader = StoreReader(tmp, cache_samples=0)
+            order = list(range(args.samples))
+            random.Random(0).shuffle(order)
+            start = time.perf_counter()
+            for sample in order:
+                reader.get(sample)
+            rates.append(args.samples * seq / (time.perf_counter() - start))
+            reader.close()
+        torch.set_num_threads(2)
+    print(
+        f"\nreader decode, one core, random order, no cache: {statistics.median(rates):,.0f} "
+        "tokens/s (target >= 500,000)"
+    )
+
+
+def _step_times(args, run_cfg) -> None:
+    """Offline PD vs LM-only step of the quickstart student on a store dumped here."""
+    from megatron_pd.config.loader import load_config
+    from megatron_pd.data.corpus import stdlib_corpus_files
+    from megatron_pd.data.datasets import GlobalBatchSampler, SampleIds, build_splits
+    from megatron_pd.data.datasets import microbatches as make_microbatches
+    from megatron_pd.data.preprocess import preprocess
+    from megatron_pd.engine.distill_module import DistillTrainModule
+    from megatron_pd.engine.train_module import TrainModule
+    from megatron_pd.logits.dump import dump_teacher_logits
+    from megatron_pd.parallel import topology
+    from megatron_pd.train import _absolute_paths, load_tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        prefix = os.path.join(tmp, "small_text_document")
+        preprocess(stdlib_corpus_files()[:16], prefix, run_cfg.data.tokenizer_model, progress=False)
+        base = [
+            f"--data.tokenizer_model={run_cfg.data.tokenizer_model}",
+            f"--data.blend=[{prefix}]",
+            f"--data.cache_dir={tmp}/cache",
+            f"--train.train_steps={args.steps + 1}",
+            "--train.eval_interval=0",
+            f"--run_dir={tmp}/run",
+        ]
+        config = os.path.join(REPO, "examples", "configs", "quickstart_pd.yaml")
+        dump_cfg = load_config(
+            config,
+            base + [f"--distill.teacher.load={args.teacher}", "--distill.truncation=top-0.95-100"],
+        )
+        _absolute_paths(dump_cfg)
+        start = time.perf_counter()
+        summary = dump_teacher_logits(dump_cfg, f"{tmp}/store", ("train",), 256)["train"]
+        print(
+            f"\ndumped {summary['tokens']:,} tokens in {time.perf_counter() - start:.0f}s: "
+            f"{summary['kept_per_token']:.1f} kept/token, {summary['bytes_per_token']:.1f} "
+            f"bytes/token"
+        )
+        lm_cfg = load_config(config, base + ["--distill.teacher.load=null"])
+        pd_cfg = load_config(config, base + [f"--distill.store={tmp}/store"])
+        groups = topology.init_student_groups(1, 1)
+        tokenizer = load_tokenizer(lm_cfg)
+        gbs = lm_cfg.train.global_batch_size
+        splits = build_splits(
+            lm_cfg.data, tokenizer, ((args.steps + 1) * gbs, 0, 0), f"{tmp}/cache"
+        )
+        ids = SampleIds(splits.train)
+        lm = TrainModule(lm_cfg, groups, tokenizer.vocab_size, 1)
+        pd = DistillTrainModule(
+            pd_cfg,
+            groups,
+            tokenizer.vocab_size,
+            1,
+            tokenizer.fingerprint,
+            {"train": ids.fingerprint()},
+        )
+        sampler = GlobalBatchSampler(gbs, lm_cfg.train.micro_batch_size, 1, 0)
+        times = {"lm": [], "pd": []}
+        for step in range(args.steps + 1):
+            batches = [
+                dict(b, split="train")
+                for b in make_microbatches(splits.train, sampler, step * gbs, ids)
+            ]
+            for name, module, kwargs in (("lm", lm, {}), ("pd", pd, {"alpha": 0.9, "tau": 1.0})):
+                start = time.perf_counter()
+                module.train_step(batches, 1e-4, **kwargs)
+                if step:
+                    times[name].append(time.perf_counter() - start)
+        lm_s, pd_s = statistics.median(times["lm"]), statistics.median(times["pd"])
+        print(
+            f"offline PD step {pd_s:.3f}s vs LM-only step {lm_s:.3f}s: ratio "
+            f"{pd_s / lm_s:.3f} (target <= 1.10; quickstart student, global batch "
+            f"{gbs} x {lm_cfg.data.seq_length})"
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
