@@ -201,7 +201,10 @@ def run(cfg) -> dict:
             trainer.restore(load_checkpoint(module, path))
             if rank == 0:
                 print(f"resumed from {path} at step {trainer.step}", flush=True)
-    return trainer.fit()
+    try:
+        return trainer.fit()
+    except ValueError as err:  # e.g. a damaged logits shard: only the rank reading it knows
+        raise RankLocalError(str(err)) from err
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -214,6 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--world-size", type=int, help="world size for --dry-run")
     parser.add_argument("--help-config", action="store_true", help="list every config field")
     return parser
+
+
+class RankLocalError(ValueError):
+    """A bad-input error found by one rank during training (every rank reports its own)."""
 
 
 def main(argv=None) -> int:
@@ -235,6 +242,8 @@ def main(argv=None) -> int:
     except ValueError as err:
         if rank == 0:
             print(f"error: {err}", file=sys.stderr, flush=True)
+        elif isinstance(err, RankLocalError):
+            print(f"error (rank {rank}): {err}", file=sys.stderr, flush=True)
         return 2
     finally:
         import torch.distributed as dist

@@ -75,14 +75,13 @@ def _samples(prefix: str, count: int, seq: int) -> torch.Tensor:
     return torch.from_numpy(flat).view(count, seq)
 
 
-def _shard_bytes(entries_ids, entries_logp, per_shard: int, bits: int) -> int:
+def _shard_bytes(entries_ids, entries_logp, per_shard: int, bits: int, vocab: int) -> int:
     from megatron_pd.logits import store_format as F
     from megatron_pd.logits.store import compress_blocks
 
-    blocks = [
-        F.encode_sample(entries_ids[i], entries_logp[i], bits, 16.0)
-        for i in range(entries_ids.shape[0])
-    ]
+    samples, seq, slots = entries_ids.shape
+    codec = F.BlockCodec(seq, slots, F.id_bytes_for(vocab), bits, 16.0)
+    blocks = [codec.encode(entries_ids[i], entries_logp[i]) for i in range(samples)]
     total = 0
     for start in range(0, len(blocks), per_shard):
         dictionary, compressed = compress_blocks(blocks[start : start + per_shard], 9)
@@ -95,8 +94,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--teacher", default=os.path.join(REPO, "runs", "quickstart", "teacher"))
     parser.add_argument("--samples", type=int, default=256)
-    parser.add_argument("--per-shard", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--per-shard", type=int, default=256, help="the dump's default")
+    parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args(argv)
     from megatron_pd.logits.dump import kl_fidelity
     from megatron_pd.logits.truncation import TruncationSpec, truncate_vocab_parallel
@@ -118,11 +117,12 @@ def main(argv=None) -> int:
     flat = logits.reshape(-1, logits.shape[-1])
     vocab = teacher.vocab.true_size
     print(f"teacher {args.teacher}: V={vocab}, {args.samples} held-out samples x {seq} tokens")
+    id_bits = (vocab - 1).bit_length()
     print(
         "\n| truncation | kept/token | store bytes/token | int32+fp16 bytes/token | "
-        "store/int32+fp16 | vs fp32 full logits |"
+        f"{id_bits}-bit id+fp16 bytes/token | store/int32+fp16 | vs fp32 full logits |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     kept_100 = None
     for name in TRUNCATIONS:
         spec = TruncationSpec.parse(name, k_cap=vocab)
@@ -130,11 +130,12 @@ def main(argv=None) -> int:
         ids = kept.indices.view(args.samples, seq, -1).numpy()
         logp = kept.logprobs.view(args.samples, seq, -1).numpy()
         per_token = (ids >= 0).sum() / (args.samples * seq)
-        stored = _shard_bytes(ids, logp, args.per_shard, 8) / (args.samples * seq)
+        stored = _shard_bytes(ids, logp, args.per_shard, 8, vocab) / (args.samples * seq)
         plain = per_token * 6 + 2  # int32 id + fp16 value per entry, a uint16 count per token
+        packed = per_token * (id_bits / 8 + 2) + 2  # ceil(log2 V)-bit ids, fp16 values
         print(
-            f"| {name} | {per_token:.1f} | {stored:.1f} | {plain:.1f} | {stored / plain:.2f} | "
-            f"{vocab * 4 / stored:.0f}x |"
+            f"| {name} | {per_token:.1f} | {stored:.1f} | {plain:.1f} | {packed:.1f} | "
+            f"{stored / plain:.2f} | {vocab * 4 / stored:.0f}x |"
         )
         if name == "top-0.95-100":
             kept_100 = (ids, logp, per_token, stored)
@@ -151,53 +152,55 @@ def main(argv=None) -> int:
     for bits in (8, 7, 6):
         decoded = F.dequantize(F.quantize(logp, bits, 16.0), bits, 16.0)
         kl = kl_fidelity(logp.reshape(valid.shape), decoded.reshape(valid.shape), valid)
-        size = _shard_bytes(ids, logp, args.per_shard, bits) / (args.samples * seq)
+        size = _shard_bytes(ids, logp, args.per_shard, bits, vocab) / (args.samples * seq)
         print(f"  {bits} bits: KL {kl:.2e}, {size:.1f} bytes/token")
-    _decode_throughput(ids, logp, seq, args)
+    _decode_throughput(ids, logp, seq, vocab, args)
     _step_times(args, run_cfg)
     return 0
 
 
-def _decode_throughput(ids, logp, seq, args) -> None:
+def _decode_throughput(ids, logp, seq, vocab, args) -> None:
+    """Reader decode rate on one core: cold cache, random sample order, whole store in the
+    page cache. At the stdlib teacher's 128-token samples, and at 2048-token samples (16 of
+    them joined: a real run's sequence length, where per-sample overheads amortise)."""
     from megatron_pd.logits import store_format as F
     from megatron_pd.logits.store import StoreReader, StoreWriter
 
-    with tempfile.TemporaryDirectory() as tmp:
-        header = F.StoreHeader(
-            vocab_size=int(ids.max()) + 1,
-            tokenizer_fingerprint="bench",
-            dataset={"seq_length": seq},
-            teacher={},
-            truncation={"slots": ids.shape[-1]},
-        )
-        writer = StoreWriter(tmp, header)
-        shards = 0
-        for start in range(0, args.samples, args.per_shard):
-            members = list(range(start, min(start + args.per_shard, args.samples)))
-            writer.write_shard(
-                shards,
-                members,
-                [-1] * len(members),
-                [writer.encode(ids[i], logp[i]) for i in members],
+    torch.set_num_threads(1)
+    print("\nreader decode, one core, random order, no cache (target >= 500,000 tokens/s):")
+    for join in (1, 16):
+        samples = ids.shape[0] // join
+        joined_ids = ids[: samples * join].reshape(samples, join * seq, -1)
+        joined_logp = logp[: samples * join].reshape(samples, join * seq, -1)
+        with tempfile.TemporaryDirectory() as tmp:
+            header = F.StoreHeader(
+                vocab_size=vocab,
+                tokenizer_fingerprint="bench",
+                dataset={"seq_length": join * seq},
+                teacher={},
+                truncation={"slots": ids.shape[-1]},
             )
-            shards += 1
-        writer.finish(shards)
-        torch.set_num_threads(1)
-        rates = []
-        for _ in range(3):
-            reader = StoreReader(tmp, cache_samples=0)
-            order = list(range(args.samples))
-            random.Random(0).shuffle(order)
-            start = time.perf_counter()
-            for sample in order:
-                reader.get(sample)
-            rates.append(args.samples * seq / (time.perf_counter() - start))
-            reader.close()
-        torch.set_num_threads(2)
-    print(
-        f"\nreader decode, one core, random order, no cache: {statistics.median(rates):,.0f} "
-        "tokens/s (target >= 500,000)"
-    )
+            writer = StoreWriter(tmp, header)
+            shards = 0
+            per_shard = max(args.per_shard // join, 8)
+            for start in range(0, samples, per_shard):
+                members = list(range(start, min(start + per_shard, samples)))
+                blocks = [writer.encode(joined_ids[i], joined_logp[i]) for i in members]
+                writer.write_shard(shards, members, [-1] * len(members), blocks)
+                shards += 1
+            writer.finish(shards)
+            rates = []
+            for repeat in range(5):
+                reader = StoreReader(tmp, cache_samples=0)
+                order = list(range(samples))
+                random.Random(repeat).shuffle(order)
+                start = time.perf_counter()
+                for sample in order:
+                    reader.get(sample)
+                rates.append(samples * join * seq / (time.perf_counter() - start))
+                reader.close()
+        print(f"  {join * seq}-token samples: {statistics.median(rates):,.0f} tokens/s")
+    torch.set_num_threads(2)
 
 
 def _step_times(args, run_cfg) -> None:
@@ -220,7 +223,8 @@ def _step_times(args, run_cfg) -> None:
             f"--data.tokenizer_model={run_cfg.data.tokenizer_model}",
             f"--data.blend=[{prefix}]",
             f"--data.cache_dir={tmp}/cache",
-            f"--train.train_steps={args.steps + 1}",
+            "--data.split=100,0,0",
+            f"--train.train_steps={args.steps + 2}",
             "--train.eval_interval=0",
             f"--run_dir={tmp}/run",
         ]
@@ -243,7 +247,7 @@ def _step_times(args, run_cfg) -> None:
         tokenizer = load_tokenizer(lm_cfg)
         gbs = lm_cfg.train.global_batch_size
         splits = build_splits(
-            lm_cfg.data, tokenizer, ((args.steps + 1) * gbs, 0, 0), f"{tmp}/cache"
+            lm_cfg.data, tokenizer, ((args.steps + 2) * gbs, 0, 0), f"{tmp}/cache"
         )
         ids = SampleIds(splits.train)
         lm = TrainModule(lm_cfg, groups, tokenizer.vocab_size, 1)
@@ -257,16 +261,24 @@ def _step_times(args, run_cfg) -> None:
         )
         sampler = GlobalBatchSampler(gbs, lm_cfg.train.micro_batch_size, 1, 0)
         times = {"lm": [], "pd": []}
-        for step in range(args.steps + 1):
-            batches = [
+
+        def step_batches(step):
+            return [
                 dict(b, split="train")
                 for b in make_microbatches(splits.train, sampler, step * gbs, ids)
             ]
-            for name, module, kwargs in (("lm", lm, {}), ("pd", pd, {"alpha": 0.9, "tau": 1.0})):
+
+        batches = step_batches(0)
+        for step in range(args.steps + 1):
+            upcoming = step_batches(step + 1)  # decoded in the background, as the trainer does
+            pd.prefetch("train", np.concatenate([b["sample_ids"].numpy() for b in upcoming]))
+            order = [("lm", lm, {}), ("pd", pd, {"alpha": 0.9, "tau": 1.0})]
+            for name, module, kwargs in order if step % 2 else order[::-1]:
                 start = time.perf_counter()
                 module.train_step(batches, 1e-4, **kwargs)
                 if step:
                     times[name].append(time.perf_counter() - start)
+            batches = upcoming
         lm_s, pd_s = statistics.median(times["lm"]), statistics.median(times["pd"])
         print(
             f"offline PD step {pd_s:.3f}s vs LM-only step {lm_s:.3f}s: ratio "

@@ -169,6 +169,7 @@ def build_splits(data_cfg, tokenizer, num_samples: tuple, cache_dir: str) -> Spl
         create_attention_mask=False,
         mid_level_dataset_surplus=0.005,
     )
+    _check_split_documents(prefixes, config.split_matrix, data_cfg.split)
     sizes = [int(n) for n in num_samples]
     train, valid, test = BlendedMegatronDatasetBuilder(
         GPTDataset, sizes, lambda: True, config
@@ -180,6 +181,29 @@ def build_splits(data_cfg, tokenizer, num_samples: tuple, cache_dir: str) -> Spl
                 f"data.blend={data_cfg.blend}"
             )
     return Splits(train, valid, test)
+
+
+def _check_split_documents(prefixes, split_matrix, split: str) -> None:
+    """Every non-zero part of ``data.split`` must get documents of every prefix.
+
+    megatron-core slices each prefix's documents by rounding the split fractions; a part that
+    rounds to no documents has no tokens per epoch, and its GPTDataset would loop forever
+    counting epochs. Catch that before building, naming the prefix.
+    """
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    for prefix in prefixes:
+        documents = IndexedDataset(prefix).sequence_lengths.shape[0]
+        for name, part in zip(("train", "valid", "test"), split_matrix):
+            if part is None:
+                continue
+            begin, end = round(part[0] * documents), round(part[1] * documents)
+            if end <= begin:
+                raise ValueError(
+                    f"data.split={split!r} leaves the {name} split no documents of {prefix} "
+                    f"({documents} documents): use more documents or give {name} no share "
+                    "(e.g. data.split=100,0,0)"
+                )
 
 
 class GlobalBatchSampler:

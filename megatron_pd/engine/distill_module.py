@@ -242,7 +242,7 @@ class DistillTrainModule(TrainModule):
             return None
         ids, logp = reader.get_many(batch["sample_ids"].tolist())
         return SparseTeacher(
-            torch.from_numpy(ids).view(-1, self.slots).to(self.device),
+            torch.from_numpy(ids).view(-1, self.slots).to(self.device, torch.long),
             torch.from_numpy(logp).view(-1, self.slots).to(self.device),
         )
 

@@ -68,14 +68,16 @@ class StoreWriter:
         )
 
     def shard_done(self, name) -> bool:
-        """A shard that exists and opens cleanly (a half-written one never exists: atomic)."""
+        """A shard that exists and whose every block checks out (writes are atomic, so only
+        later damage makes one fail: a rerun of the dump then rewrites it)."""
         path = self.shard_path(name)
         if not os.path.isfile(path):
             return False
         try:
-            F.ShardFile(path)
+            F.ShardFile(path).verify()
             return True
-        except ValueError:
+        except ValueError as err:
+            print(f"warning: rewriting damaged {err}", flush=True)
             return False
 
     def write_shard(
@@ -104,10 +106,7 @@ class StoreWriter:
         return totals
 
     def encode(self, indices_SK: np.ndarray, logprobs_SK: np.ndarray) -> bytes:
-        encoding = self.header.encoding
-        return F.encode_sample(
-            indices_SK, logprobs_SK, encoding["value_bits"], encoding["logp_range"]
-        )
+        return self.header.codec().encode(indices_SK, logprobs_SK)
 
     def finish(self, num_shards: int) -> None:
         self.header.num_shards = num_shards
@@ -133,8 +132,7 @@ class StoreReader:
         self.header = F.StoreHeader.read(split_dir)
         if require_complete and not self.header.complete:
             raise ValueError(f"logits store {split_dir} is incomplete (its dump has not finished)")
-        enc = self.header.encoding
-        self.bits, self.range = enc["value_bits"], enc["logp_range"]
+        self.codec = self.header.codec()
         self.seq_length = self.header.dataset["seq_length"]
         self.slots = self.header.truncation["slots"]
         self._shards = []
@@ -142,12 +140,19 @@ class StoreReader:
         names = sorted(
             n for n in os.listdir(split_dir) if n.startswith("shard_") and n.endswith(".pd")
         )
+        best_step: dict = {}
         for name in names:
             shard = F.ShardFile(os.path.join(split_dir, name))
             number = len(self._shards)
             self._shards.append(shard)
-            for position, sample in enumerate(shard.sample_ids.tolist()):
-                self._where[sample] = (number, position)
+            # A recorded store may hold a sample more than once (a pre-training run of more
+            # than one epoch): the latest training step wins, whatever the file order.
+            for position, (sample, step) in enumerate(
+                zip(shard.sample_ids.tolist(), shard.steps.tolist())
+            ):
+                if step >= best_step.get(sample, step):
+                    best_step[sample] = step
+                    self._where[sample] = (number, position)
         if require_complete and len(names) != self.header.num_shards:
             raise ValueError(
                 f"logits store {split_dir}: header lists {self.header.num_shards} "
@@ -195,7 +200,7 @@ class StoreReader:
         block = self._shards[number].block(position)
         raw = self._decompressor(number).decompress(block)
         try:
-            return F.decode_sample(raw, self.seq_length, self.slots, self.bits, self.range)
+            return self.codec.decode(raw)
         except ValueError as err:
             raise ValueError(
                 f"shard file {self._shards[number].path}: sample {sample_id} does "
@@ -203,7 +208,7 @@ class StoreReader:
             ) from None
 
     def get(self, sample_id: int) -> tuple:
-        """([S, K] int64 ids, -1 padded; [S, K] float32 log-probs at tau = 1)."""
+        """([S, K] int32 ids, -1 padded; [S, K] float32 log-probs at tau = 1)."""
         with self._lock:
             if sample_id in self._cache:
                 self._cache.move_to_end(sample_id)

@@ -38,44 +38,6 @@ VERSION = 1
 _HEADER_NAME = "header.json"
 
 
-# ------------------------------------------------------------------------------ varints
-def encode_varints(values: np.ndarray) -> np.ndarray:
-    """LEB128: 7 bits per byte, high bit set on all but the last byte of a value."""
-    v = np.asarray(values, dtype=np.uint64)
-    if v.size == 0:
-        return np.zeros(0, dtype=np.uint8)
-    nbytes = np.ones(v.size, dtype=np.int64)
-    for k in range(1, 10):
-        nbytes += v >= (np.uint64(1) << np.uint64(7 * k))
-    out = np.empty(int(nbytes.sum()), dtype=np.uint8)
-    starts = np.cumsum(nbytes) - nbytes
-    for k in range(int(nbytes.max())):
-        sel = nbytes > k
-        low = ((v[sel] >> np.uint64(7 * k)) & np.uint64(0x7F)).astype(np.uint8)
-        more = (nbytes[sel] > k + 1).astype(np.uint8) << 7
-        out[starts[sel] + k] = low | more
-    return out
-
-
-def decode_varints(data: np.ndarray, count: int) -> tuple:
-    """The first ``count`` varints of ``data``: (values uint64, bytes consumed)."""
-    if count == 0:
-        return np.zeros(0, dtype=np.uint64), 0
-    ends = np.flatnonzero(data < 128)
-    if ends.size < count:
-        raise ValueError("varint stream is shorter than expected")
-    ends = ends[:count]
-    starts = np.empty(count, dtype=np.int64)
-    starts[0] = 0
-    starts[1:] = ends[:-1] + 1
-    used = int(ends[-1]) + 1
-    chunk = data[:used]
-    group = np.repeat(np.arange(count), ends - starts + 1)
-    shift = (np.arange(used) - starts[group]).astype(np.uint64) * np.uint64(7)
-    values = np.add.reduceat((chunk & 0x7F).astype(np.uint64) << shift, starts)
-    return values, used
-
-
 # ------------------------------------------------------------------------------ header
 @dataclass
 class StoreHeader:
@@ -88,7 +50,7 @@ class StoreHeader:
     truncation: dict  # name, top_p, top_k, min_k, slots
     encoding: dict = field(
         default_factory=lambda: {
-            "indices": "ascending ids, LEB128 varint gaps",
+            "indices": "ascending ids, gaps in byte planes",
             "values": "uniform logp quantization",
             "value_bits": 8,
             "logp_range": 16.0,
@@ -104,6 +66,20 @@ class StoreHeader:
     stats: dict = field(default_factory=dict)  # tokens, kept_per_token, bytes_per_token, ...
     format: str = FORMAT
     version: int = VERSION
+
+    def __post_init__(self):
+        if "id_bytes" not in self.encoding:
+            self.encoding = dict(self.encoding, id_bytes=id_bytes_for(self.vocab_size))
+
+    def codec(self) -> BlockCodec:
+        """The block codec of this split's samples."""
+        return BlockCodec(
+            int(self.dataset["seq_length"]),
+            int(self.truncation["slots"]),
+            int(self.encoding["id_bytes"]),
+            int(self.encoding["value_bits"]),
+            float(self.encoding["logp_range"]),
+        )
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, sort_keys=True)
@@ -144,10 +120,18 @@ def write_atomic(path: str, data: bytes) -> None:
 
 
 # ------------------------------------------------------------------------------ sample blocks
+def id_bytes_for(vocab_size: int) -> int:
+    """Bytes per stored id gap: ceil(log2 V) bits rounded up to whole bytes (no vocab cap)."""
+    return max(1, ((int(vocab_size) - 1).bit_length() + 7) // 8)
+
+
 def quantize(logp: np.ndarray, bits: int, logp_range: float) -> np.ndarray:
+    """Uniform codes 0..2^bits-1 over [-logp_range, 0] (0 = log-prob 0)."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"value_bits={bits}: must be 1..8")
     levels = (1 << bits) - 1
     codes = np.rint(np.clip(-logp, 0.0, logp_range) * (levels / logp_range))
-    return codes.astype(np.uint8 if bits <= 8 else np.uint16)
+    return codes.astype(np.uint8)
 
 
 def dequantize(codes: np.ndarray, bits: int, logp_range: float) -> np.ndarray:
@@ -155,55 +139,103 @@ def dequantize(codes: np.ndarray, bits: int, logp_range: float) -> np.ndarray:
     return -(codes.astype(np.float32) * np.float32(logp_range / levels))
 
 
-def encode_sample(
-    indices_SK: np.ndarray, logprobs_SK: np.ndarray, bits: int, logp_range: float
-) -> bytes:
-    """Uncompressed block of one sample: [S, K] ids (-1 = empty slot) and log-probs."""
-    valid = indices_SK >= 0
-    counts = valid.sum(axis=1)
-    order = np.argsort(np.where(valid, indices_SK, np.iinfo(np.int64).max), axis=1, kind="stable")
-    ids = np.take_along_axis(indices_SK, order, axis=1)
-    values = np.take_along_axis(logprobs_SK, order, axis=1)
-    kept = np.take_along_axis(valid, order, axis=1)
-    # Kept entries come first in each row: the first is stored as its id, each later one as
-    # the gap to the id before it.
-    previous = np.zeros_like(ids)
-    previous[:, 1:] = ids[:, :-1]
-    gaps = ids - previous
-    return b"".join(
-        [
-            encode_varints(counts).tobytes(),
-            encode_varints(gaps[kept]).tobytes(),
-            quantize(values[kept], bits, logp_range).tobytes(),
+@dataclass(frozen=True)
+class BlockCodec:
+    """Encodes one sample's kept entries as a block and decodes it back.
+
+    Block layout for S tokens, K slots and N kept entries in all: the counts [S] (uint8, or
+    uint16 when K > 255); the id gaps as ``id_bytes`` byte planes of N bytes each (low byte
+    first: each token's ids ascending, the first as itself, each later one as the gap to
+    the one before; the high planes are mostly zero and compress to little); the N value
+    codes (uint8). Every field is fixed-width, so decoding is a few vectorised numpy passes.
+    """
+
+    seq_length: int
+    slots: int
+    id_bytes: int
+    value_bits: int
+    logp_range: float
+
+    @property
+    def _count_dtype(self):
+        return np.dtype(np.uint8) if self.slots <= 255 else np.dtype("<u2")
+
+    def encode(self, indices_SK: np.ndarray, logprobs_SK: np.ndarray) -> bytes:
+        """[S, K] ids (-1 = empty slot, any order) and log-probs -> raw block bytes."""
+        if indices_SK.shape != (self.seq_length, self.slots):
+            raise ValueError(
+                f"sample entries have shape {tuple(indices_SK.shape)}, the store holds "
+                f"[{self.seq_length}, {self.slots}]"
+            )
+        valid = indices_SK >= 0
+        order = np.argsort(
+            np.where(valid, indices_SK, np.iinfo(np.int64).max), axis=1, kind="stable"
+        )
+        ids = np.take_along_axis(indices_SK, order, axis=1).astype(np.int64)
+        values = np.take_along_axis(logprobs_SK, order, axis=1)
+        kept = np.take_along_axis(valid, order, axis=1)  # kept entries first in each row
+        if kept.any() and int(ids[kept].max()) >= 1 << (8 * self.id_bytes):
+            raise ValueError(
+                f"token id {int(ids[kept].max())} needs more than {self.id_bytes} bytes"
+            )
+        previous = np.zeros_like(ids)
+        previous[:, 1:] = ids[:, :-1]
+        gaps = (ids - previous)[kept].astype(np.uint32)
+        planes = [
+            ((gaps >> np.uint32(8 * b)) & np.uint32(0xFF)).astype(np.uint8)
+            for b in range(self.id_bytes)
         ]
-    )
+        counts = valid.sum(axis=1).astype(self._count_dtype)
+        codes = quantize(values[kept], self.value_bits, self.logp_range)
+        return b"".join([counts.tobytes(), *(p.tobytes() for p in planes), codes.tobytes()])
+
+    def decode(self, raw: bytes) -> tuple:
+        """[S, K] int32 ids (-1 padded, ascending per token) and float32 log-probs."""
+        S, K = self.seq_length, self.slots
+        data = np.frombuffer(raw, dtype=np.uint8)
+        count_bytes = S * self._count_dtype.itemsize
+        if data.size < count_bytes:
+            raise ValueError("sample block is shorter than its token counts")
+        counts = np.frombuffer(raw, dtype=self._count_dtype, count=S).astype(np.int32)
+        if counts.max(initial=0) > K:
+            raise ValueError(f"a token count exceeds the {K} slots")
+        mask = _columns(K) < counts[:, None]
+        total = int(counts.sum())
+        if data.size != count_bytes + total * (self.id_bytes + 1):
+            raise ValueError(
+                f"sample block has {data.size} bytes, its counts describe "
+                f"{count_bytes + total * (self.id_bytes + 1)}"
+            )
+        pos = count_bytes
+        gaps = data[pos : pos + total].astype(np.int32)
+        for b in range(1, self.id_bytes):
+            pos += total
+            gaps |= data[pos : pos + total].astype(np.int32) << (8 * b)
+        pos += total
+        ids = np.zeros((S, K), dtype=np.int32)
+        ids[mask] = gaps
+        ids = np.cumsum(ids, axis=1, dtype=np.int32)
+        ids[~mask] = -1
+        codes = np.zeros((S, K), dtype=np.uint8)  # code 0 is log-prob 0 in empty slots
+        codes[mask] = data[pos:]
+        return ids, np.take(_code_table(self.value_bits, self.logp_range), codes)
 
 
-def decode_sample(raw: bytes, seq_length: int, slots: int, bits: int, logp_range: float) -> tuple:
-    """[S, slots] int64 ids (-1 padded, ascending per token) and float32 log-probs."""
-    data = np.frombuffer(raw, dtype=np.uint8)
-    counts, used = decode_varints(data, seq_length)
-    counts = counts.astype(np.int64)
-    total = int(counts.sum())
-    gaps, used_gaps = decode_varints(data[used:], total)
-    value_bytes = data[used + used_gaps :]
-    dtype = np.uint8 if bits <= 8 else np.uint16
-    codes = np.frombuffer(value_bytes.tobytes(), dtype=dtype)
-    if codes.size != total:
-        raise ValueError("sample block has the wrong number of values")
-    ids = np.full((seq_length, slots), -1, dtype=np.int64)
-    values = np.zeros((seq_length, slots), dtype=np.float32)
-    if total:
-        token = np.repeat(np.arange(seq_length), counts)
-        first = np.cumsum(counts) - counts
-        position = np.arange(total) - first[token]
-        running = np.cumsum(gaps.astype(np.int64))
-        # Each token's ids restart from 0: subtract the running sum before its first entry.
-        base = np.where(first > 0, running[np.maximum(first - 1, 0)], 0)
-        flat_ids = running - base[token]
-        ids[token, position] = flat_ids
-        values[token, position] = dequantize(codes, bits, logp_range)
-    return ids, values
+_COLUMNS: dict = {}
+_TABLES: dict = {}
+
+
+def _columns(k: int) -> np.ndarray:
+    if k not in _COLUMNS:
+        _COLUMNS[k] = np.arange(k, dtype=np.int32)
+    return _COLUMNS[k]
+
+
+def _code_table(bits: int, logp_range: float) -> np.ndarray:
+    key = (bits, float(logp_range))
+    if key not in _TABLES:
+        _TABLES[key] = dequantize(np.arange(256), bits, logp_range)
+    return _TABLES[key]
 
 
 # ------------------------------------------------------------------------------ shard files
@@ -270,6 +302,11 @@ class ShardFile:
                 f"shard file {path} is truncated or padded: {size} bytes, its "
                 f"index describes {expected}"
             )
+
+    def verify(self) -> None:
+        """Check every block's crc32 (reads the whole file); ValueError names the sample."""
+        for position in range(len(self.sample_ids)):
+            self.block(position)
 
     def block(self, position: int) -> bytes:
         start = self.data_start + int(self.offsets[position])

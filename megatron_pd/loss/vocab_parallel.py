@@ -61,7 +61,7 @@ def _sparse_prep(teacher: SparseTeacher, spec: LossSpec, vocab: VocabInfo) -> di
         "owned": owned,
         "has_entries": valid.any(-1),
         "teacher_entropy": entropy,
-        "teacher_argmax": teacher.indices.gather(1, best)[:, 0].float(),
+        "best": best,  # [N, 1] the slot of the teacher's most probable kept entry
         "sum_TlogT": torch.xlogy(T, T).sum(-1),
         "sum_TT": (T * T).sum(-1),
         "kept": valid.sum(-1).float(),
@@ -278,13 +278,13 @@ class FusedDistillLossFunction(torch.autograd.Function):
 
 
 def _gathered_view(sparse: dict) -> dict:
-    return {k: sparse[k] for k in ("T", "local", "owned", "r")}
+    return {k: sparse[k] for k in ("T", "local", "owned", "r", "best")}
 
 
 def _slice_sparse(sparse: dict | None, start: int, end: int) -> dict | None:
     if sparse is None:
         return None
-    return {k: v[start:end] for k, v in sparse.items() if k in ("T", "local", "owned", "r")}
+    return {k: v[start:end] for k, v in sparse.items() if k in ("T", "local", "owned", "r", "best")}
 
 
 def _jsd_chunk_sums(student_Cv, teacher_Cv, sparse, values, start, end, spec, tau_s):

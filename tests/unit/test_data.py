@@ -153,6 +153,17 @@ def test_splits_are_deterministic_and_seeded(tiny_corpus, tmp_path):
     numpy.testing.assert_array_equal(sample["tokens"][1:], sample["labels"][:-1])
 
 
+def test_split_without_documents_is_an_error_not_a_hang(tiny_corpus, tmp_path):
+    """40 documents at 99/1: the valid part rounds to none; megatron-core would loop forever."""
+    from megatron_pd.config import DataConfig
+
+    cfg = DataConfig(blend=[tiny_corpus["prefix"]], split="99,1,0", seq_length=64)
+    with pytest.raises(
+        ValueError, match=r"leaves the valid split no documents of .*\(40 documents\)"
+    ):
+        build_splits(cfg, Tokenizer(tiny_corpus["tokenizer"]), (16, 0, 0), str(tmp_path))
+
+
 def _blend_counts(rank, world_size, tokenizer, blend, cache):
     splits = build_splits(_data_cfg(blend), Tokenizer(tokenizer), (2000, 0, 0), cache)
     return numpy.bincount(splits.train.dataset_index[:2000], minlength=2)
