@@ -156,10 +156,13 @@ def run(cfg) -> dict:
     total = cfg.total_steps()
     gbs = cfg.train.global_batch_size
     eval_samples = cfg.train.eval_batches * gbs if cfg.train.eval_interval else 0
+    train_samples = total * gbs
+    if cfg.distill.store_steps is not None:  # the recording run's sample order, exactly
+        train_samples = recorded_train_samples(cfg.distill.store)
     splits = build_splits(
         cfg.data,
         tokenizer,
-        (total * gbs, eval_samples, 0),
+        (train_samples, eval_samples, 0),
         cfg.data.cache_dir or os.path.join(cfg.run_dir, "data_cache"),
     )
     if cfg.distill.enabled:
@@ -217,6 +220,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--world-size", type=int, help="world size for --dry-run")
     parser.add_argument("--help-config", action="store_true", help="list every config field")
     return parser
+
+
+def recorded_train_samples(store_dir: str) -> int:
+    """The train-split size a recording pre-training run built its data for.
+
+    megatron-core's sample order depends on how many samples a split is built for (the
+    number of epochs), so a student reading a step window of recorded logits builds its
+    train split for exactly that many.
+    """
+    from megatron_pd.logits.store_format import StoreHeader
+
+    header = StoreHeader.read(os.path.join(store_dir, "train"))
+    samples = header.teacher.get("train_samples")
+    if header.source != "pretraining" or not samples:
+        raise ValueError(
+            f"distill.store_steps: {store_dir}/train was not recorded during a pre-training "
+            f"run (source {header.source!r}); it has no training steps"
+        )
+    return int(samples)
 
 
 class RankLocalError(ValueError):

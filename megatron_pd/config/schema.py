@@ -397,6 +397,12 @@ class DistillConfig:
     store: Optional[str] = None
     """Offline distillation: a logits store written by tools/dump_teacher_logits.py (or by a
     teacher's pre-training run) instead of a live teacher."""
+    store_steps: Optional[list[int]] = None
+    """[first, last]: with a store recorded during a teacher's pre-training
+    (train.record_logits), learn from the logits of its training steps first..last only -
+    the paper's early vs late online logits. The student's data starts at the first sample
+    the teacher trained on at step ``first`` (same data config, any student batch size), and
+    reading a sample recorded outside the window is an error."""
 
     def __post_init__(self):
         _choice("distill.loss", self.loss, KD_LOSSES)
@@ -434,6 +440,12 @@ class DistillConfig:
                 "and distill.teacher.load are exclusive: train "
                 "from the store or from a live teacher",
             )
+        if self.store_steps is not None:
+            if self.store is None:
+                _fail("distill.store_steps", self.store_steps, "needs distill.store")
+            steps = self.store_steps
+            if len(steps) != 2 or not 1 <= steps[0] <= steps[1]:
+                _fail("distill.store_steps", steps, "must be [first, last] with 1 <= first <= last")
         if self.store is not None and self.loss == "mse_logits":
             _fail("distill.loss", "mse_logits", "needs the full teacher (a store is truncated)")
         if self.store is not None and self.loss == "reverse_kl" and not self.tail:

@@ -62,6 +62,7 @@ class DistillTrainModule(TrainModule):
         distill = cfg.distill
         self.rank = dist.get_rank()
         self.stores = {}
+        self._window, self._offset = None, 0  # distill.store_steps (see _init_store)
         self.teacher = self.plan = self.truncation = None
         if distill.offline:
             self._init_store(
@@ -153,6 +154,21 @@ class DistillTrainModule(TrainModule):
             reader.check(expected)
             self.stores[split] = reader
         self.slots = self.stores["train"].slots
+        window = self.cfg.distill.store_steps
+        if window is not None:
+            header = self.stores["train"].header
+            recorded_gbs = header.teacher.get("global_batch_size")
+            if header.source != "pretraining" or not recorded_gbs:
+                raise ValueError(
+                    f"distill.store_steps={window}: {store_dir}/train was not recorded during "
+                    f"a pre-training run (source {header.source!r}); it has no training steps"
+                )
+            self._window = (int(window[0]), int(window[1]))
+            self._offset = (self._window[0] - 1) * int(recorded_gbs)
+
+    def train_sample_offset(self) -> int:
+        """With ``distill.store_steps``: the first sample the teacher trained on at step first."""
+        return self._offset
 
     # ------------------------------------------------------------------ the teacher side
     def loss_spec(self) -> LossSpec:
@@ -240,7 +256,19 @@ class DistillTrainModule(TrainModule):
         reader = self.stores.get(batch.get("split", "train"))
         if reader is None:
             return None
-        ids, logp = reader.get_many(batch["sample_ids"].tolist())
+        sample_ids = batch["sample_ids"].tolist()
+        if self._window is not None and reader is self.stores.get("train"):
+            first, last = self._window
+            for sample in sample_ids:
+                step = reader.step_of(sample)
+                if step is None or not first <= step <= last:
+                    when = "never recorded" if step is None else f"recorded at teacher step {step}"
+                    raise ValueError(
+                        f"sample {sample} of the train split was {when}, outside "
+                        f"distill.store_steps=[{first}, {last}]: this run reads past the "
+                        "window (fewer train steps, or a wider window)"
+                    )
+        ids, logp = reader.get_many(sample_ids)
         return SparseTeacher(
             torch.from_numpy(ids).view(-1, self.slots).to(self.device, torch.long),
             torch.from_numpy(logp).view(-1, self.slots).to(self.device),

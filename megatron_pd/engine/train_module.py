@@ -160,6 +160,10 @@ class TrainModule:
         )
         return {"loss": out["loss"], "lm_loss": out["lm"]}
 
+    def train_sample_offset(self) -> int:
+        """Where this run's training data starts (in samples of the train split)."""
+        return 0
+
     def enable_recording(self, store_dir: str, dataset_ids, tokenizer_fingerprint: str) -> None:
         """Record this run's truncated training logits into a store (see logits/record.py)."""
         from dataclasses import asdict
@@ -174,7 +178,13 @@ class TrainModule:
             vocab_size=self.vocab.true_size,
             tokenizer_fingerprint=tokenizer_fingerprint,
             dataset=dataset_header(dataset_ids, "train", self.cfg.data),
-            teacher={"run_dir": self.cfg.run_dir, "model": asdict(self.cfg.model)},
+            teacher={
+                "run_dir": self.cfg.run_dir,
+                "model": asdict(self.cfg.model),
+                "global_batch_size": self.cfg.train.global_batch_size,
+                # the sample count its train split was built for (fixes megatron's shuffle)
+                "train_samples": self.cfg.total_steps() * self.cfg.train.global_batch_size,
+            },
             truncation=truncation_header(spec),
             source="pretraining",
         )

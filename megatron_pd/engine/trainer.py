@@ -125,8 +125,13 @@ class Trainer:
     def _batches(self, split: str, consumed_samples: int) -> list:
         """This rank's micro-batches of a split (with unshuffled sample ids and the split)."""
         dataset = getattr(self.splits, split)
+        consumed_samples += self._offset(split)
         batches = microbatches(dataset, self.sampler, consumed_samples, self.sample_ids[split])
         return [dict(batch, split=split) for batch in batches]
+
+    def _offset(self, split: str) -> int:
+        """Samples skipped at the start of a split (distill.store_steps moves train's start)."""
+        return self.module.train_sample_offset() if split == "train" else 0
 
     def _prefetch(self, split: str, consumed_samples: int) -> None:
         """Let an offline-distillation module start reading the next step's teacher entries."""
@@ -134,6 +139,7 @@ class Trainer:
         if prefetch is None or not self.cfg.distill.offline:
             return
         size = len(getattr(self.splits, split))
+        consumed_samples += self._offset(split)
         indices = [i % size for m in self.sampler.microbatch_indices(consumed_samples) for i in m]
         prefetch(split, self.sample_ids[split].of(indices))
 

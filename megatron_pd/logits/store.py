@@ -225,8 +225,12 @@ class StoreReader:
         pairs = [self.get(int(s)) for s in sample_ids]
         return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
 
-    def step_of(self, sample_id: int) -> int:
-        number, position = self._where[int(sample_id)]
+    def step_of(self, sample_id: int) -> int | None:
+        """The training step that recorded a sample (-1 for a dump; None: not stored)."""
+        located = self._where.get(int(sample_id))
+        if located is None:
+            return None
+        number, position = located
         return int(self._shards[number].steps[position])
 
     def prefetch(self, sample_ids) -> None:

@@ -60,6 +60,7 @@ RULES = {
     "amax_s": "argmax",
     "t_at_amax": "argmax",
     "k_sbest": "max_abs_s",
+    "z_out": "exp_s",
 }
 
 
@@ -91,6 +92,8 @@ def needed_stats(
         # top-1 agreement from the student logit at the teacher's best kept entry: no argmax
         # over the vocabulary (the most expensive reduction on CPU)
         names += ["k_z"] + (["k_sbest"] if metrics else [])
+        if spec.tail:  # the student's mass outside the kept set, summed directly (see G)
+            names += ["z_out"]
         names += {
             "soft_ce": ["k_qs", "k_t"],
             "forward_kl": ["k_qs", "k_t"],
@@ -216,7 +219,23 @@ def chunk_local_stats(
             out["sq"] = rowdot(diff, diff)
     if sparse is not None:
         out.update(sparse_kept_stats(shifted_s.gather(1, sparse["local"]), sparse, names))
+        if "z_out" in names:  # last use of exp_s: the kept columns are zeroed in place
+            out["z_out"] = outside_exp_sum(exp_s, sparse)
     return torch.stack([m_s, m_t] + [out[n] for n in names], dim=-1)
+
+
+def outside_exp_sum(exp_Cv: torch.Tensor, sparse: dict) -> torch.Tensor:
+    """sum_j exp(s_j - m) over this shard's columns that are *not* kept, summed directly.
+
+    ``exp_Cv`` is overwritten (kept columns set to 0). Computing the outside mass as
+    1 - P_K instead cancels catastrophically in fp32 once the student puts more than
+    1 - 1e-7 of its mass on the kept set, and the tail's -r log G and its gradient
+    -r / G then blow up. The zeroing multiplies by 0/1 factors, so an empty slot (its
+    column clamped onto some real column) never undoes a kept one.
+    """
+    factor = sparse["owned"].logical_not().to(exp_Cv.dtype)
+    exp_Cv.scatter_reduce_(1, sparse["local"], factor, reduce="prod")
+    return exp_Cv.sum(-1)
 
 
 def sparse_kept_stats(kept_shifted: torch.Tensor, sparse: dict, names: list) -> dict:
@@ -364,7 +383,10 @@ def _finalize_sparse(merged, spec, values, info):
     z_s = merged["z_s"]
     log_z = _log(z_s)
     P_K = (merged["k_z"] / z_s).clamp(0.0, 1.0)
-    G = (1.0 - P_K).clamp_min(0.0)  # the student's mass outside the kept set
+    if "z_out" in merged:  # the student's mass outside the kept set
+        G = (merged["z_out"] / z_s).clamp(0.0, 1.0)
+    else:  # no tail: G only enters additively (JSD), 1 - P_K is accurate enough
+        G = (1.0 - P_K).clamp_min(0.0)
     r = info["r"]
     values["kept_mass_student"] = P_K
     values["teacher_entropy"] = info["teacher_entropy"]

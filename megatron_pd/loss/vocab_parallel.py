@@ -126,6 +126,13 @@ class FusedDistillLossFunction(torch.autograd.Function):
                 kept = S.sparse_kept_stats(shifted, _gathered_view(sparse), names)
                 for name, value in kept.items():
                     local[:, 2 + names.index(name)] = value
+                if "z_out" in names:  # the kernels do not sum outside the kept set
+                    column = 2 + names.index("z_out")
+                    for start, end in _chunks(num_tokens, chunk_tokens):
+                        rows = student_Nv[start:end, :valid].float() / tau_s
+                        exp = (rows - local[start:end, :1]).exp_()
+                        part = _slice_sparse(sparse, start, end)
+                        local[start:end, column] = S.outside_exp_sum(exp, part)
         else:
             local = torch.empty(num_tokens, 2 + len(names), device=device)
             ws = S.Workspace(min(chunk_tokens, num_tokens), valid, device)
@@ -247,11 +254,19 @@ class FusedDistillLossFunction(torch.autograd.Function):
                 vocab.true_size,
             )
             if kind == "sparse" and valid > 0:
+                # The kernel wrote the generic derivative everywhere; the kept columns get
+                # theirs: KD, plus the hard-label CE the kernel had put there.
                 sparse = _gathered_view(ctx.sparse)
                 logits_kept = student_Nv[:, :valid].gather(1, sparse["local"]).float()
                 P_kept = (logits_kept / spec.tau_student - per_token["lse_s"][:, None]).exp()
-                delta = _kept_delta(P_kept, sparse, per_token, kd_weight[:, None], spec)
-                grad[:, :valid].scatter_add_(1, sparse["local"], delta.to(grad.dtype))
+                kept = _kept_grad(P_kept, sparse, per_token, kd_weight[:, None], spec)
+                if labels_local is not None:
+                    lse_1 = per_token.get("lse_1", per_token["lse_s"])
+                    P1_kept = (logits_kept - lse_1[:, None]).exp()
+                    is_label = sparse["local"] == labels_local[:, None]
+                    ce = ce_weight[:, None] * (P1_kept - is_label.to(P1_kept.dtype))
+                    kept = kept + torch.where(sparse["owned"], ce, torch.zeros_like(ce))
+                _overwrite_kept(grad[:, :valid], sparse, kept)
             return grad, None, None, None, None, None, None, None, None, None, None, None, None
         for start, end in _chunks(student_Nv.shape[0], ctx.chunk):
             if valid == 0:
@@ -388,10 +403,9 @@ def _sparse_kd_grad(P, sparse, per_token, kd_col, ce_col, spec):
     """kd_weight * dKD/ds~ (+ ce_weight * P when shared) against kept entries (+ tail)."""
     kd = spec.kind
     W = per_token["W"][:, None]
-    local = sparse["local"]
-    P_kept = P.gather(1, local)
+    P_kept = P.gather(1, sparse["local"])
     # Outside the kept set the derivative is P * (a - W), with a per-token constant a (for
-    # mse_probs without tail: a = 2 P, elementwise).
+    # mse_probs without tail: a = 2 P, elementwise); the kept columns are then overwritten.
     if kd == "mse_probs" and not spec.tail:
         factor = (2.0 * P - W).mul_(kd_col)
         if ce_col is not None:
@@ -400,19 +414,15 @@ def _sparse_kd_grad(P, sparse, per_token, kd_col, ce_col, spec):
     else:
         coefficient = (per_token["a"][:, None] - W) * kd_col
         grad = P.mul_(coefficient if ce_col is None else coefficient + ce_col)
-    return grad.scatter_add_(1, local, _kept_delta(P_kept, sparse, per_token, kd_col, spec))
+    kept = _kept_grad(P_kept, sparse, per_token, kd_col, spec)
+    if ce_col is not None:
+        kept = kept + torch.where(sparse["owned"], P_kept * ce_col, torch.zeros_like(kept))
+    return _overwrite_kept(grad, sparse, kept)
 
 
-def _kept_delta(P_kept, sparse, per_token, kd_col, spec):
-    """What to add at the kept entries to turn the generic derivative P (a - W) into theirs.
-
-    Foreign entries (owned by another shard) share clamped column indices: they add 0.
-    """
+def _kept_grad(P_kept, sparse, per_token, kd_col, spec):
+    """kd_weight * dKD/ds~ at the kept entries [C, K] (0 in slots another shard owns)."""
     kd, W, T = spec.kind, per_token["W"][:, None], sparse["T"]
-    if kd == "mse_probs" and not spec.tail:
-        generic = P_kept * (2.0 * P_kept - W)
-    else:
-        generic = P_kept * (per_token["a"][:, None] - W)
     if kd in ("soft_ce", "forward_kl"):
         kept_grad = P_kept - T
     elif kd == "reverse_kl":
@@ -422,7 +432,21 @@ def _kept_delta(P_kept, sparse, per_token, kd_col, spec):
     else:  # jsd
         mix = spec.jsd_beta * T + (1 - spec.jsd_beta) * P_kept
         kept_grad = P_kept * ((1 - spec.jsd_beta) * (S._log(P_kept) - S._log(mix)) - W)
-    return torch.where(sparse["owned"], (kept_grad - generic) * kd_col, torch.zeros_like(T))
+    return torch.where(sparse["owned"], kept_grad * kd_col, torch.zeros_like(T))
+
+
+def _overwrite_kept(grad, sparse, values):
+    """Set ``grad`` at this shard's kept columns to ``values`` [C, K], in place.
+
+    Overwritten, not corrected by adding (kept - generic): with a tail the generic outside
+    coefficient -r / G is huge when the student leaves almost no mass outside the kept set,
+    and adding then subtracting it at a kept column would cancel catastrophically. Zeroing
+    multiplies by 0/1 factors and the values add 0 in foreign slots, so an empty or foreign
+    slot (its column clamped onto some real column) never disturbs a kept one.
+    """
+    owned = sparse["owned"]
+    grad.scatter_reduce_(1, sparse["local"], owned.logical_not().to(grad.dtype), reduce="prod")
+    return grad.scatter_add_(1, sparse["local"], values.to(grad.dtype))
 
 
 def fused_distill_loss(

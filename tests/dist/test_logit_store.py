@@ -240,7 +240,8 @@ def test_corrupt_or_truncated_shard_is_named(store, tmp_path):
         StoreReader(str(copy / "valid"))
 
 
-def test_store_recorded_during_pretraining(small_corpus, tmp_path):
+def test_store_recorded_during_pretraining(small_corpus, store, tmp_path):
+    dumped = store["dir"]
     store = tmp_path / "recorded"
     teacher = tmp_path / "teacher"
     args = run_args(small_corpus, teacher, "--train.train_steps=4", "--train.eval_interval=0",
@@ -264,3 +265,39 @@ def test_store_recorded_during_pretraining(small_corpus, tmp_path):
 
     rows = read_metrics(str(tmp_path / "student" / "metrics.jsonl"), "train")
     assert len(rows) == 4 and all(r["kd_loss"] > 0 for r in rows)
+    # The paper's late online logits: only what the teacher recorded at steps 3-4. The
+    # student starts at the teacher's step-3 samples and trains 2 steps inside the window.
+    late = run_args(small_corpus, tmp_path / "late", "--train.train_steps=2",
+                    "--train.micro_batch_size=2", "--train.eval_interval=0",
+                    "--model.hidden_size=48", "--model.num_attention_heads=4",
+                    f"--distill.store={store}", "--distill.store_steps=[3,4]")
+    captured = run_distributed(capture_sample_steps, 2, late, str(store / "train"))
+    assert sorted(set().union(*captured)) == [3, 4]
+    # One more step would read samples the teacher saw at step 5: an error, not a misalignment.
+    too_long = [a if a != "--train.train_steps=2" else "--train.train_steps=3" for a in late]
+    with pytest.raises(Exception, match=r"(never recorded|recorded at teacher step \d), "
+                                        r"outside distill.store_steps=\[3, 4\]"):
+        run_distributed(train_in_ranks, 1, too_long + [f"--run_dir={tmp_path / 'late2'}"])
+    # A dumped store has no training steps.
+    with pytest.raises(Exception, match="was not recorded during a pre-training run"):
+        run_distributed(train_in_ranks, 1, run_args(
+            small_corpus, tmp_path / "late3", "--train.train_steps=1",
+            f"--distill.store={dumped}", "--distill.store_steps=[1,1]"))
+
+
+def capture_sample_steps(rank, world_size, args, split_dir):
+    """Train, and return the recorded teacher step of every sample this rank trained on."""
+    import megatron_pd.engine.distill_module as module
+
+    reader = StoreReader(split_dir)
+    seen = set()
+    original = module.DistillTrainModule._store_payload
+
+    def spy(self, batch):
+        if batch.get("split") == "train":
+            seen.update(reader.step_of(s) for s in batch["sample_ids"].tolist())
+        return original(self, batch)
+
+    module.DistillTrainModule._store_payload = spy
+    train_in_ranks(rank, world_size, args)
+    return seen
