@@ -137,7 +137,9 @@ class DistillTrainModule(TrainModule):
                 if split == "train":
                     raise ValueError(f"distill.store={store_dir} has no train split")
                 continue  # validation then measures the LM loss only
-            reader = StoreReader(path)
+            # the current and the prefetched next step of this rank (compact samples)
+            per_rank = self.cfg.train.global_batch_size // max(self.dp_size, 1)
+            reader = StoreReader(path, cache_samples=max(2 * per_rank, 16))
             expected = {
                 "vocab_size": true_vocab_size,
                 "dataset": {

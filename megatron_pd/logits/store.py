@@ -189,7 +189,7 @@ class StoreReader:
             )
         return cache[shard_number]
 
-    def _decode(self, sample_id: int) -> tuple:
+    def _unpack(self, sample_id: int) -> tuple:
         located = self._where.get(int(sample_id))
         if located is None:
             raise ValueError(
@@ -200,30 +200,35 @@ class StoreReader:
         block = self._shards[number].block(position)
         raw = self._decompressor(number).decompress(block)
         try:
-            return self.codec.decode(raw)
+            return self.codec.unpack(raw)
         except ValueError as err:
             raise ValueError(
                 f"shard file {self._shards[number].path}: sample {sample_id} does "
                 f"not decode ({err})"
             ) from None
 
-    def get(self, sample_id: int) -> tuple:
-        """([S, K] int32 ids, -1 padded; [S, K] float32 log-probs at tau = 1)."""
+    def _compact(self, sample_id: int) -> tuple:
+        """The unpacked sample, from the LRU cache (which holds compact samples)."""
         with self._lock:
             if sample_id in self._cache:
                 self._cache.move_to_end(sample_id)
                 return self._cache[sample_id]
-        value = self._decode(sample_id)
-        with self._lock:
-            self._cache[sample_id] = value
-            while len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
+        value = self._unpack(sample_id)
+        if self._cache_size:
+            with self._lock:
+                self._cache[sample_id] = value
+                while len(self._cache) > self._cache_size:
+                    self._cache.popitem(last=False)
         return value
 
+    def get(self, sample_id: int) -> tuple:
+        """([S, K] int32 ids, -1 padded; [S, K] float32 log-probs at tau = 1)."""
+        ids, values = self.codec.pad([self._compact(int(sample_id))])
+        return ids[0], values[0]
+
     def get_many(self, sample_ids) -> tuple:
-        """[len, S, K] ids and log-probs for several samples."""
-        pairs = [self.get(int(s)) for s in sample_ids]
-        return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+        """[len, S, K] ids and log-probs for several samples (padded in one pass)."""
+        return self.codec.pad([self._compact(int(s)) for s in sample_ids])
 
     def step_of(self, sample_id: int) -> int | None:
         """The training step that recorded a sample (-1 for a dump; None: not stored)."""
@@ -236,7 +241,7 @@ class StoreReader:
     def prefetch(self, sample_ids) -> None:
         """Decode these samples in the background (call with the next step's samples)."""
         ids = [int(s) for s in sample_ids]
-        self._pending = self._pool.submit(lambda: [self.get(s) for s in ids])
+        self._pending = self._pool.submit(lambda: [self._compact(s) for s in ids])
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
