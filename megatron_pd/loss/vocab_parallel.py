@@ -49,11 +49,10 @@ def _sparse_prep(teacher: SparseTeacher, spec: LossSpec, vocab: VocabInfo) -> di
     local = teacher.indices.long() - vocab.shard_start
     owned = valid & (local >= 0) & (local < vocab.valid_in_shard)
     local = local.clamp(0, max(vocab.valid_in_shard - 1, 0))
-    entropy = -torch.xlogy(T, T).sum(-1)
-    if spec.tail:
-        entropy = entropy - torch.xlogy(r, r)
-    masked = torch.where(valid, teacher.logprobs.float(), torch.full_like(T, float("-inf")))
-    best = masked.argmax(-1, keepdim=True)
+    sum_TlogT = torch.xlogy(T, T).sum(-1)
+    entropy = -sum_TlogT - torch.xlogy(r, r) if spec.tail else -sum_TlogT
+    # T is zero in empty slots and ordered like the log-probs: its argmax is the best entry
+    best = T.argmax(-1, keepdim=True)
     return {
         "T": T,
         "r": r,
@@ -62,8 +61,8 @@ def _sparse_prep(teacher: SparseTeacher, spec: LossSpec, vocab: VocabInfo) -> di
         "has_entries": valid.any(-1),
         "teacher_entropy": entropy,
         "best": best,  # [N, 1] the slot of the teacher's most probable kept entry
-        "sum_TlogT": torch.xlogy(T, T).sum(-1),
-        "sum_TT": (T * T).sum(-1),
+        "sum_TlogT": sum_TlogT,
+        "sum_TT": (T * T).sum(-1) if spec.kind == "mse_probs" else None,
         "kept": valid.sum(-1).float(),
     }
 
