@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from _dist import run_distributed
-from _runs import run_args, train_in_ranks
+from _runs import losses, run_args, train_in_ranks
 from megatron_pd.config import load_config
 from megatron_pd.logits.store import StoreReader
 
@@ -188,6 +188,24 @@ def test_offline_pd_equals_online_pd(store, teacher_run):
     for key, grad in grads_on.items():
         scale = grad.abs().max().item()
         assert (grads_off[key] - grad).abs().max().item() <= 0.02 * scale + 1e-7, key
+
+
+def test_offline_pd_with_pipeline_parallel_student(store, tmp_path):
+    """Student PP=2 (2 ranks) from the store takes the same steps as one rank."""
+    base = [a for a in store["args"] if "distill" not in a] + [
+        f"--distill.store={store['dir']}",
+        "--train.train_steps=3",
+        "--train.eval_interval=3",
+        "--model.num_layers=2",
+    ]
+    run_distributed(train_in_ranks, 1, base + [f"--run_dir={tmp_path / 'one'}"])
+    run_distributed(
+        train_in_ranks, 2, base + ["--parallel.pp=2", f"--run_dir={tmp_path / 'pp2'}"]
+    )
+    one, pp2 = losses(tmp_path / "one"), losses(tmp_path / "pp2")
+    assert [r[:2] for r in one] == [r[:2] for r in pp2] and len(one) == 4
+    for (_, _, a), (_, _, b) in zip(one, pp2):
+        assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (one, pp2)
 
 
 def run_error(rank, world_size, args):
