@@ -76,7 +76,21 @@ def dry_run(cfg, world_size: int) -> int:
     dp = cfg.validate_for_world(world_size)
     student_layout = Layout(world_size, cfg.parallel.tp, cfg.parallel.pp)
     print(describe_layout(student_layout, "student"))
-    if cfg.distill.enabled:
+    if cfg.distill.offline:
+        from megatron_pd.logits.store_format import StoreHeader
+
+        for split in ("train", "valid"):
+            path = os.path.join(cfg.distill.store, split)
+            if split == "valid" and not os.path.isdir(path):
+                continue
+            header = StoreHeader.read(path)  # names the directory when it is not a store
+            print(
+                f"logits store {path}: {header.truncation['name']} from "
+                f"{header.source}, {header.dataset.get('num_samples')} samples, "
+                f"{'complete' if header.complete else 'INCOMPLETE'}; loss {cfg.distill.loss}, "
+                f"truncation {cfg.distill.truncation or header.truncation['name']}"
+            )
+    elif cfg.distill.enabled:
         from megatron_pd.models.teacher import resolve_teacher_source, teacher_model_config
 
         teacher = cfg.distill.teacher

@@ -63,6 +63,7 @@ class DistillTrainModule(TrainModule):
         self.rank = dist.get_rank()
         self.stores = {}
         self._window, self._offset = None, 0  # distill.store_steps (see _init_store)
+        self._retruncate = None  # a narrower distill.truncation than the store's
         self.teacher = self.plan = self.truncation = None
         if distill.offline:
             self._init_store(
@@ -155,7 +156,23 @@ class DistillTrainModule(TrainModule):
                 expected["dataset"]["fingerprint"] = dataset_fingerprints[split]
             reader.check(expected)
             self.stores[split] = reader
-        self.slots = self.stores["train"].slots
+        if self.cfg.distill.truncation is not None:  # a narrower cut of the stored entries
+            from megatron_pd.logits.truncation import TruncationSpec, derivable_from
+
+            d, stored = self.cfg.distill, self.stores["train"].header.truncation
+            wanted = TruncationSpec.parse(d.truncation, d.min_k, d.k_cap)
+            have = TruncationSpec(
+                stored["top_p"], stored["top_k"], stored["min_k"], int(stored["slots"])
+            )
+            reason = derivable_from(wanted, have)
+            if reason is not None:
+                raise ValueError(
+                    f"distill.truncation={wanted.name} (min_k {wanted.min_k}) cannot be cut "
+                    f"from the store's {stored['name']} entries: {reason}"
+                )
+            key = ("top_p", "top_k", "min_k", "slots")
+            if [getattr(wanted, k) for k in key] != [getattr(have, k) for k in key]:
+                self._retruncate = wanted
         window = self.cfg.distill.store_steps
         if window is not None:
             header = self.stores["train"].header
@@ -271,10 +288,16 @@ class DistillTrainModule(TrainModule):
                         "window (fewer train steps, or a wider window)"
                     )
         ids, logp = reader.get_many(sample_ids)
-        return SparseTeacher(
-            torch.from_numpy(ids).view(-1, self.slots).to(self.device, torch.long),
-            torch.from_numpy(logp).view(-1, self.slots).to(self.device),
+        slots = ids.shape[-1]
+        teacher = SparseTeacher(
+            torch.from_numpy(ids).view(-1, slots).to(self.device, torch.long),
+            torch.from_numpy(logp).view(-1, slots).to(self.device),
         )
+        if self._retruncate is not None:
+            from megatron_pd.logits.truncation import retruncate
+
+            teacher = retruncate(teacher, self._retruncate)
+        return teacher
 
     def prefetch(self, split: str, sample_ids) -> None:
         """Start decoding the next step's samples (offline distillation)."""

@@ -158,6 +158,39 @@ def truncate_vocab_parallel(
     return _finish(best_ids, logp, _keep_counts(logp, spec), spec.slots)
 
 
+def derivable_from(spec: TruncationSpec, stored: TruncationSpec) -> str | None:
+    """Why ``spec`` cannot be cut from entries kept under ``stored`` (None: it can, exactly).
+
+    A narrower top-p-k (p' <= p, k' <= k, min_k' <= min_k) of the full distribution is a
+    prefix of the stored entries sorted by probability, so it is recovered without the teacher.
+    """
+    if spec.top_p > stored.top_p:
+        return f"p={spec.top_p:g} exceeds the stored p={stored.top_p:g}"
+    if stored.top_k is not None and (spec.top_k is None or spec.top_k > stored.top_k):
+        return f"k={spec.top_k or 'inf'} exceeds the stored k={stored.top_k}"
+    if spec.top_k is None and spec.k_cap > stored.slots:
+        return f"k_cap={spec.k_cap} exceeds the stored {stored.slots} slots"
+    if spec.min_k > stored.min_k:
+        return f"min_k={spec.min_k} exceeds the stored min_k={stored.min_k}"
+    return None
+
+
+def retruncate(teacher: SparseTeacher, spec: TruncationSpec) -> SparseTeacher:
+    """The top-p-k ``spec`` of already-truncated entries (see ``derivable_from``).
+
+    Exact for exact log-probs; with a store's quantized values the prefix boundary can move
+    where the cumulative mass is within the quantization error of p.
+    """
+    valid = teacher.valid
+    key = torch.where(valid, teacher.logprobs.float(), torch.full_like(teacher.logprobs, NEG))
+    values, order = key.sort(dim=-1, descending=True)
+    ids = teacher.indices.gather(1, order)
+    slots = min(spec.slots, ids.shape[1])
+    values, ids = values[:, :slots], ids[:, :slots]
+    counts = torch.minimum(_keep_counts(values, spec), valid.sum(-1))
+    return _finish(ids, values, counts, spec.slots)
+
+
 def truncation_stats(teacher: SparseTeacher) -> dict:
     """Mean kept entries per token and mean kept probability mass (tau = 1)."""
     counts = teacher.kept_counts().float()

@@ -208,6 +208,22 @@ def test_offline_pd_with_pipeline_parallel_student(store, tmp_path):
         assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (one, pp2)
 
 
+def test_student_cuts_a_narrower_truncation_from_the_store(store, tmp_path):
+    """The store holds top-0.9-12; a student asking top-0.8-6 gets exactly that cut, one
+    asking for more than was stored gets an error before step 1."""
+    from megatron_pd.engine.metrics import read_metrics
+
+    base = [a for a in store["args"] if "distill" not in a] + [f"--distill.store={store['dir']}"]
+    run_dir = tmp_path / "narrow"
+    run_distributed(train_in_ranks, 1, base + ["--distill.truncation=top-0.8-6",
+                                               "--train.train_steps=2", f"--run_dir={run_dir}"])
+    rows = read_metrics(str(run_dir / "metrics.jsonl"), "train")
+    assert rows and all(1 <= r["kept_per_token"] <= 6 for r in rows)
+    error = run_distributed(run_error, 1, base + ["--distill.truncation=top-0.95-12",
+                                                  f"--run_dir={tmp_path / 'wide'}"])[0]
+    assert "cannot be cut from the store's top-0.9-12 entries: p=0.95 exceeds" in error
+
+
 def run_error(rank, world_size, args):
     from megatron_pd.train import run
 
@@ -319,3 +335,15 @@ def capture_sample_steps(rank, world_size, args, split_dir):
     module.DistillTrainModule._store_payload = spy
     train_in_ranks(rank, world_size, args)
     return seen
+
+
+def test_dry_run_describes_the_store(store, tmp_path, capsys):
+    from megatron_pd.train import main
+
+    base = [a for a in store["args"] if "distill" not in a] + ["--dry-run", "--world-size=2"]
+    assert main(base + [f"--distill.store={store['dir']}"]) == 0
+    out = capsys.readouterr().out
+    assert f"logits store {store['dir']}/train: {TRUNCATION} from dump" in out
+    assert "dry run OK" in out
+    assert main(base + [f"--distill.store={tmp_path}"]) == 2
+    assert f"{tmp_path}/train is not a logits store split" in capsys.readouterr().err

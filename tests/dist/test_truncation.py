@@ -82,3 +82,43 @@ def test_names():
         TruncationSpec.parse("top-k-5")
     with pytest.raises(ValueError, match="min_k=5 exceeds top_k=2"):
         TruncationSpec(0.9, 2, min_k=5)
+
+
+@pytest.mark.parametrize(
+    "stored,wanted",
+    [
+        ("top-0.95-100", "top-0.95-50"),
+        ("top-0.95-100", "top-0.8-20"),
+        ("top-0.95-100", "top-0.95-1"),
+        ("top-0.95-inf", "top-0.5-inf"),
+        ("top-1.0-50", "top-1.0-10"),
+    ],
+)
+def test_narrower_truncation_of_stored_entries_equals_direct(stored, wanted):
+    """A store dumped at one top-p-k serves any narrower one exactly (what a student with its
+    own distill.truncation reads)."""
+    from megatron_pd.logits.truncation import derivable_from, retruncate
+
+    logits = teacher_logits()
+    have = TruncationSpec.parse(stored, k_cap=256)
+    want = TruncationSpec.parse(wanted, k_cap=256)
+    assert derivable_from(want, have) is None
+    kept = truncate_dense(logits, TRUE_VOCAB, have)
+    shuffled = torch.randperm(kept.indices.shape[1], generator=torch.Generator().manual_seed(0))
+    kept = type(kept)(kept.indices[:, shuffled], kept.logprobs[:, shuffled])  # any slot order
+    got = retruncate(kept, want)
+    expected = truncate_dense(logits, TRUE_VOCAB, want)
+    assert torch.equal(got.indices, expected.indices)
+    torch.testing.assert_close(got.logprobs, expected.logprobs, rtol=0, atol=1e-6)
+
+
+def test_wider_truncation_than_stored_is_refused():
+    from megatron_pd.logits.truncation import derivable_from
+
+    have = TruncationSpec.parse("top-0.95-100")
+    assert "p=1 exceeds the stored p=0.95" in derivable_from(TruncationSpec.parse("top-1.0-50"),
+                                                           have)
+    assert "k=200 exceeds the stored k=100" in derivable_from(
+        TruncationSpec.parse("top-0.9-200"), have)
+    assert "k=inf exceeds" in derivable_from(TruncationSpec.parse("top-0.9-inf"), have)
+    assert "min_k=3 exceeds" in derivable_from(TruncationSpec.parse("top-0.9-50", min_k=3), have)
