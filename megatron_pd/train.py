@@ -152,7 +152,7 @@ def run(cfg) -> dict:
     """
     import torch.distributed as dist
 
-    from megatron_pd.data.datasets import build_splits
+    from megatron_pd.data.datasets import build_splits, sample_ids_of
     from megatron_pd.engine.train_module import TrainModule
     from megatron_pd.engine.trainer import Trainer
     from megatron_pd.models.checkpoint import CheckpointManager, latest_checkpoint, load_checkpoint
@@ -179,34 +179,27 @@ def run(cfg) -> dict:
         (train_samples, eval_samples, 0),
         cfg.data.cache_dir or os.path.join(cfg.run_dir, "data_cache"),
     )
+    sample_ids = sample_ids_of(splits)
     if cfg.distill.enabled:
-        from megatron_pd.data.datasets import SampleIds
         from megatron_pd.engine.distill_module import DistillTrainModule
 
         fingerprints = {}
         if cfg.distill.offline:  # the store must describe exactly these samples
-            fingerprints = {
-                name: SampleIds(getattr(splits, name)).fingerprint()
-                for name in ("train", "valid")
-                if getattr(splits, name) is not None
-            }
+            fingerprints = {name: ids.fingerprint() for name, ids in sample_ids.items()}
         module = DistillTrainModule(
             cfg, groups, vocab_size, dp, tokenizer.fingerprint, fingerprints
         )
     else:
         module = TrainModule(cfg, groups, vocab_size, dp)
     if cfg.train.record_logits:
-        from megatron_pd.data.datasets import SampleIds
-
-        module.enable_recording(
-            cfg.train.record_logits, SampleIds(splits.train), tokenizer.fingerprint
-        )
+        module.enable_recording(cfg.train.record_logits, sample_ids["train"], tokenizer.fingerprint)
     save_dir = cfg.checkpoint.save_dir or os.path.join(cfg.run_dir, "checkpoints")
     checkpoints = CheckpointManager(save_dir, cfg.checkpoint.keep_last, cfg.checkpoint.async_save)
     trainer = Trainer(
         cfg,
         module,
         splits,
+        sample_ids,
         checkpoints,
         cfg.run_dir,
         dist.get_rank(groups.dp),

@@ -39,7 +39,7 @@ def inspect_split(split_dir: str, samples: int, tokens: int, entries: int, token
                 {k: round(v, 6) if isinstance(v, float) else v for k, v in header.stats.items()}
             )
         )
-    ids = sorted(reader._where)[:samples]
+    ids = reader.sample_ids()[:samples]
     for sample in ids:
         kept, logp = reader.get(sample)
         step = reader.step_of(sample)

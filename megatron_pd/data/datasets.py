@@ -293,6 +293,15 @@ class SampleIds:
         return digest.hexdigest()[:24]
 
 
+def sample_ids_of(splits: Splits) -> dict:
+    """{"train": SampleIds, "valid": SampleIds} of the splits that exist."""
+    return {
+        name: SampleIds(getattr(splits, name))
+        for name in ("train", "valid")
+        if getattr(splits, name) is not None
+    }
+
+
 def collate(samples: list) -> dict:
     """Stack megatron samples into a batch: tokens, labels, loss_mask, position_ids [B, S]."""
     batch = {

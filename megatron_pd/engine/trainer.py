@@ -15,7 +15,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from megatron_pd.data.datasets import GlobalBatchSampler, SampleIds, microbatches
+from megatron_pd.data.datasets import GlobalBatchSampler, microbatches
 from megatron_pd.engine.flops import peak_tflops, train_flops_per_token
 from megatron_pd.engine.metrics import MetricsLogger, Stopwatch
 from megatron_pd.engine.schedules import schedule_value
@@ -65,6 +65,7 @@ class Trainer:
         cfg,
         module,
         splits,
+        sample_ids: dict,
         checkpoints,
         run_dir: str,
         dp_rank: int,
@@ -86,11 +87,7 @@ class Trainer:
         self.consumed_samples = 0
         self.tokenizer_fingerprint = tokenizer_fingerprint
         self.distill = cfg.distill.enabled
-        self.sample_ids = {
-            name: SampleIds(getattr(splits, name))
-            for name in ("train", "valid")
-            if getattr(splits, name) is not None
-        }
+        self.sample_ids = sample_ids  # unshuffled ids per split (datasets.sample_ids_of)
         self.is_logging_rank = dist.get_rank() == 0
         flops = train_flops_per_token(cfg.model, module.vocab.padded_size, cfg.data.seq_length)
         self.flops_per_token = flops

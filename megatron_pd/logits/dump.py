@@ -239,7 +239,7 @@ def dump_teacher_logits(
             if is_writer:
                 writer.write_shard(shard, members, [-1] * len(members), raw_blocks, stats)
         dist.barrier()
-        summary[split_name] = _finish(writer, num_shards, vocab_size, rank, meter)
+        summary[split_name] = _finish(writer, num_shards, rank, meter)
     return summary
 
 
@@ -254,24 +254,12 @@ def _start_or_resume(split_dir: str, header: F.StoreHeader) -> None:
     header.write(split_dir)
 
 
-def _finish(writer: StoreWriter, num_shards: int, vocab_size: int, rank: int, meter) -> dict:
-    """Check every shard exists, sum their statistics, mark the split complete (rank 0).
-
-    The statistics come from the shards' own metadata, so a resumed dump reports (and
-    writes) exactly what an uninterrupted one does.
-    """
+def _finish(writer: StoreWriter, num_shards: int, rank: int, meter) -> dict:
+    """Check every shard exists, sum their statistics, mark the split complete (rank 0)."""
     missing = [s for s in range(num_shards) if not os.path.isfile(writer.shard_path(s))]
     if missing:
         raise RuntimeError(f"logits dump finished with missing shards: {missing[:3]}")
-    totals = writer.shard_stats()
-    tokens = max(totals["tokens"], 1)
-    stats = {
-        "tokens": totals["tokens"],
-        "kept_per_token": totals["kept"] / tokens,
-        "bytes_per_token": totals["bytes"] / tokens,
-        "compression_vs_fp32_logits": vocab_size * 4 / (totals["bytes"] / tokens),
-        "value_kl_nats": totals["kl_sum"] / max(totals["kl_rows"], 1),
-    }
+    stats, _ = writer.summary()
     if rank == 0:
         writer.header.stats = stats
         writer.finish(num_shards)

@@ -99,15 +99,6 @@ class LogitRecorder:
         self.flush(last_step)
         dist.barrier()
         if dist.get_rank() == 0:
-            totals = self.writer.shard_stats()
-            tokens = max(totals["tokens"], 1)
-            self.writer.header.stats = {
-                "tokens": totals["tokens"],
-                "kept_per_token": totals["kept"] / tokens,
-                "bytes_per_token": totals["bytes"] / tokens,
-                "compression_vs_fp32_logits": self.writer.header.vocab_size
-                * 4
-                / (totals["bytes"] / tokens),
-            }
-            self.writer.finish(totals["shards"])
+            self.writer.header.stats, shards = self.writer.summary()
+            self.writer.finish(shards)
         dist.barrier()

@@ -105,6 +105,21 @@ class StoreWriter:
                 totals["shards"] += 1
         return totals
 
+    def summary(self) -> tuple:
+        """(statistics for the header, number of shards), from the shards' own metadata, so
+        a resumed dump or recording reports exactly what an uninterrupted one does."""
+        totals = self.shard_stats()
+        tokens = max(totals["tokens"], 1)
+        stats = {
+            "tokens": totals["tokens"],
+            "kept_per_token": totals["kept"] / tokens,
+            "bytes_per_token": totals["bytes"] / tokens,
+            "compression_vs_fp32_logits": self.header.vocab_size * 4 / (totals["bytes"] / tokens),
+        }
+        if totals["kl_rows"]:  # a dump measures its value encoding's fidelity
+            stats["value_kl_nats"] = totals["kl_sum"] / totals["kl_rows"]
+        return stats, totals["shards"]
+
     def encode(self, indices_SK: np.ndarray, logprobs_SK: np.ndarray) -> bytes:
         return self.header.codec().encode(indices_SK, logprobs_SK)
 
@@ -168,6 +183,10 @@ class StoreReader:
     @property
     def num_samples(self) -> int:
         return len(self._where)
+
+    def sample_ids(self) -> list:
+        """Every stored sample id, ascending."""
+        return sorted(self._where)
 
     def check(self, expected: dict) -> None:
         """Compare the header with what this run expects (see compare_headers)."""

@@ -24,6 +24,7 @@ Everything here is pure numpy/zstd; writing and reading whole stores is logits/s
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import struct
@@ -236,21 +237,14 @@ class BlockCodec:
         return ids.reshape(B, S, K), values.reshape(B, S, K)
 
 
-_COLUMNS: dict = {}
-_TABLES: dict = {}
-
-
+@functools.cache
 def _columns(k: int) -> np.ndarray:
-    if k not in _COLUMNS:
-        _COLUMNS[k] = np.arange(k, dtype=np.int32)
-    return _COLUMNS[k]
+    return np.arange(k, dtype=np.int32)
 
 
+@functools.cache
 def _code_table(bits: int, logp_range: float) -> np.ndarray:
-    key = (bits, float(logp_range))
-    if key not in _TABLES:
-        _TABLES[key] = dequantize(np.arange(256), bits, logp_range)
-    return _TABLES[key]
+    return dequantize(np.arange(256), bits, logp_range)
 
 
 # ------------------------------------------------------------------------------ shard files
