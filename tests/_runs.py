@@ -1,6 +1,10 @@
 """Run argument lists and in-rank training for tests that train on the tiny corpus."""
 
 import os
+import signal
+import subprocess
+import sys
+import time
 
 from megatron_pd.config import load_config
 from megatron_pd.engine.metrics import read_metrics
@@ -40,3 +44,32 @@ def losses(run_dir):
         (row["split"], row["step"], row["loss"])
         for row in read_metrics(os.path.join(run_dir, "metrics.jsonl"))
     ]
+
+
+def torchrun_command(*args) -> list:
+    """``python -m torch.distributed.run --nproc_per_node=2 *args``."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", *args]
+
+
+TORCHRUN_ENV = dict(os.environ, OMP_NUM_THREADS="1")
+
+
+def sigkill_when(command: list, ready, timeout: float, poll: float) -> None:
+    """Start a job in its own session, SIGKILL all of it once ``ready()`` holds.
+
+    Fails if the job ends on its own first (it must be interrupted mid-way)."""
+    job = subprocess.Popen(
+        command,
+        env=TORCHRUN_ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and job.poll() is None:
+        if ready():
+            break
+        time.sleep(poll)
+    assert job.poll() is None, "the job ended before it could be killed"
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()

@@ -4,10 +4,7 @@ online PD, header mismatches, corrupt shards, and a store recorded during pre-tr
 import json
 import os
 import shutil
-import signal
 import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -15,7 +12,14 @@ import torch
 import torch.distributed as dist
 
 from _dist import run_distributed
-from _runs import losses, run_args, train_in_ranks
+from _runs import (
+    TORCHRUN_ENV,
+    losses,
+    run_args,
+    sigkill_when,
+    torchrun_command,
+    train_in_ranks,
+)
 from megatron_pd.config import load_config
 from megatron_pd.logits.store import StoreReader
 
@@ -105,23 +109,14 @@ def test_interrupted_dump_is_byte_identical(store, small_corpus, teacher_run, tm
     args = store["args"]
     reference = str(tmp_path / "uninterrupted")
     run_distributed(dump_in_ranks, 2, args, reference, ["valid"], 8)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-               os.path.join(REPO, "tools", "dump_teacher_logits.py"), "--store",
-               str(tmp_path / "resumed"), "--splits", "valid", "--samples-per-shard", "8", *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    job = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL, start_new_session=True)
+    command = torchrun_command(os.path.join(REPO, "tools", "dump_teacher_logits.py"), "--store",
+                               str(tmp_path / "resumed"), "--splits", "valid",
+                               "--samples-per-shard", "8", *args)
     split = tmp_path / "resumed" / "valid"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and job.poll() is None:
-        if split.exists() and len(list(split.glob("shard_*.pd"))) >= 2:
-            break
-        time.sleep(0.02)
-    assert job.poll() is None, "the dump ended before it could be killed"
-    os.killpg(job.pid, signal.SIGKILL)
-    job.wait()
+    sigkill_when(command, lambda: split.exists() and len(list(split.glob("shard_*.pd"))) >= 2,
+                 timeout=120, poll=0.02)
     assert not json.load(open(split / "header.json"))["complete"]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, env=TORCHRUN_ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     names = sorted(os.listdir(os.path.join(reference, "valid")))
     assert names == sorted(os.listdir(split))

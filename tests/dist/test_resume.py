@@ -5,15 +5,19 @@ a save that crashes half-way leaves the previous "latest" checkpoint loadable.
 """
 
 import os
-import signal
 import subprocess
-import sys
-import time
 
 import pytest
 
 from _dist import run_distributed
-from _runs import losses, run_args, train_in_ranks
+from _runs import (
+    TORCHRUN_ENV,
+    losses,
+    run_args,
+    sigkill_when,
+    torchrun_command,
+    train_in_ranks,
+)
 from megatron_pd.engine.metrics import read_metrics
 
 
@@ -39,21 +43,11 @@ def test_resume_equals_uninterrupted(tiny_corpus, tmp_path, layout):
 def test_sigkilled_torchrun_job_resumes(tiny_corpus, tmp_path):
     args = run_args(tiny_corpus, tmp_path / "killed", "--train.train_steps=60",
                     "--checkpoint.save_interval=5")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-               "-m", "megatron_pd.train", *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    job = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL, start_new_session=True)
+    command = torchrun_command("-m", "megatron_pd.train", *args)
     metrics = tmp_path / "killed" / "metrics.jsonl"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and job.poll() is None:
-        if metrics.exists() and any(r["step"] >= 12 for r in read_metrics(str(metrics))):
-            break
-        time.sleep(0.05)
-    assert job.poll() is None, "the job ended before it could be killed"
-    os.killpg(job.pid, signal.SIGKILL)
-    job.wait()
-    resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    sigkill_when(command, lambda: metrics.exists() and any(
+        r["step"] >= 12 for r in read_metrics(str(metrics))), timeout=240, poll=0.05)
+    resumed = subprocess.run(command, env=TORCHRUN_ENV, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
     straight = tmp_path / "straight"

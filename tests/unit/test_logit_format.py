@@ -18,6 +18,18 @@ def random_entries(rng, seq, slots, vocab, min_kept=0):
     return ids[:, perm], logp[:, perm]
 
 
+def header(vocab, seq, slots, **extra):
+    """A store header for hand-made samples."""
+    return F.StoreHeader(
+        vocab_size=vocab,
+        tokenizer_fingerprint="t",
+        dataset={"seq_length": seq},
+        teacher={},
+        truncation={"slots": slots},
+        **extra,
+    )
+
+
 @pytest.mark.parametrize(
     "vocab,slots", [(512, 12), (4096, 100), (151552, 50), (151552, 300), (2**24 + 5, 8)]
 )
@@ -66,15 +78,7 @@ def test_codec_rejects_damaged_blocks():
 def test_recorded_store_keeps_the_latest_step_of_a_sample(tmp_path):
     """Two epochs of a pre-training run record sample 5 twice: the later step wins, whatever
     order the shard files sort in."""
-    header = F.StoreHeader(
-        vocab_size=100,
-        tokenizer_fingerprint="t",
-        dataset={"seq_length": 4},
-        teacher={},
-        truncation={"slots": 3},
-        source="pretraining",
-    )
-    writer = StoreWriter(str(tmp_path), header)
+    writer = StoreWriter(str(tmp_path), header(100, 4, 3, source="pretraining"))
     rng = np.random.default_rng(1)
     late = random_entries(rng, 4, 3, 100, min_kept=1)
     early = random_entries(rng, 4, 3, 100, min_kept=1)
@@ -91,14 +95,7 @@ def test_recorded_store_keeps_the_latest_step_of_a_sample(tmp_path):
 
 def test_a_damaged_shard_is_not_done(tmp_path):
     """A rerun dump rewrites shards damaged after they were written (and keeps good ones)."""
-    header = F.StoreHeader(
-        vocab_size=1000,
-        tokenizer_fingerprint="t",
-        dataset={"seq_length": 8},
-        teacher={},
-        truncation={"slots": 6},
-    )
-    writer = StoreWriter(str(tmp_path), header)
+    writer = StoreWriter(str(tmp_path), header(1000, 8, 6))
     rng = np.random.default_rng(2)
     blocks = [writer.encode(*random_entries(rng, 8, 6, 1000, min_kept=1)) for _ in range(4)]
     writer.write_shard(0, [0, 1, 2, 3], [-1] * 4, blocks)
