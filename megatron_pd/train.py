@@ -70,8 +70,9 @@ def dry_run(cfg, world_size: int) -> int:
     """Validate config, topology and data files without starting any process group."""
     from megatron_pd.data.datasets import check_data
     from megatron_pd.engine.flops import train_flops_per_token
-    from megatron_pd.models.gpt import count_parameters, padded_vocab_size
+    from megatron_pd.models.gpt import count_parameters
     from megatron_pd.parallel.topology import Layout, describe_layout
+    from megatron_pd.parallel.vocab import padded_vocab_size
 
     dp = cfg.validate_for_world(world_size)
     student_layout = Layout(world_size, cfg.parallel.tp, cfg.parallel.pp)

@@ -76,9 +76,9 @@ def run_fused(
 ):
     import torch.distributed as dist
 
+    from megatron_pd.loss.objective import distillation_loss
     from megatron_pd.loss.spec import DenseTeacher, LossSpec, SparseTeacher
-    from megatron_pd.loss.vocab_parallel import fused_distill_loss
-    from megatron_pd.models.gpt import VocabInfo
+    from megatron_pd.parallel.vocab import VocabInfo
 
     vocab = inputs["student"].shape[1]
     width = vocab // world
@@ -92,14 +92,17 @@ def run_fused(
         kind = loss
     spec = LossSpec(kind=kind, alpha=alpha, tau=tau)
     # metrics=False: the eager baseline computes no teacher entropy / top-1 agreement either.
-    out = fused_distill_loss(
+    # The public entry point with every input check on (what a direct caller gets).
+    out = distillation_loss(
         x,
         inputs["labels"],
         teacher,
         spec,
         VocabInfo(vocab, vocab, world, rank),
         group or dist.group.WORLD,
+        impl="torch",
         metrics=False,
+        check_inputs=True,
     )
     out["loss"].sum().backward()
     return x.grad
@@ -180,7 +183,7 @@ def measure_memory_child(args) -> dict:
 
             from megatron_pd.loss.spec import DenseTeacher, LossSpec, SparseTeacher
             from megatron_pd.loss.vocab_parallel import fused_distill_loss
-            from megatron_pd.models.gpt import VocabInfo
+            from megatron_pd.parallel.vocab import VocabInfo
 
             x = inputs["student"].detach().requires_grad_()
             teacher = (

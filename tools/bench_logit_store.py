@@ -45,13 +45,13 @@ def _teacher(run_dir: str):
     import torch.distributed as dist
 
     from megatron_pd.config.loader import load_config
-    from megatron_pd.models.gpt import VocabInfo
     from megatron_pd.models.teacher import (
         FrozenTeacher,
         checkpoint_padded_vocab,
         resolve_teacher_source,
     )
     from megatron_pd.parallel import topology
+    from megatron_pd.parallel.vocab import VocabInfo
 
     checkpoint, config_path = resolve_teacher_source(run_dir)
     run_cfg = load_config(config_path)
@@ -75,13 +75,17 @@ def _samples(prefix: str, count: int, seq: int) -> torch.Tensor:
     return torch.from_numpy(flat).view(count, seq)
 
 
-def _shard_bytes(entries_ids, entries_logp, per_shard: int, bits: int, vocab: int) -> int:
+def _shard_bytes(
+    entries_ids, entries_logp, entries_tail, per_shard: int, bits: int, vocab: int
+) -> int:
     from megatron_pd.logits import store_format as F
     from megatron_pd.logits.store import compress_blocks
 
     samples, seq, slots = entries_ids.shape
-    codec = F.BlockCodec(seq, slots, F.id_bytes_for(vocab), bits, 16.0)
-    blocks = [codec.encode(entries_ids[i], entries_logp[i]) for i in range(samples)]
+    codec = F.BlockCodec(seq, slots, F.id_bytes_for(vocab), bits, 16.0, vocab, tail=True)
+    blocks = [
+        codec.encode(entries_ids[i], entries_logp[i], entries_tail[i]) for i in range(samples)
+    ]
     total = 0
     for start in range(0, len(blocks), per_shard):
         dictionary, compressed = compress_blocks(blocks[start : start + per_shard], 9)
@@ -129,8 +133,9 @@ def main(argv=None) -> int:
         kept = truncate_vocab_parallel(flat, teacher.vocab, spec, group)
         ids = kept.indices.view(args.samples, seq, -1).numpy()
         logp = kept.logprobs.view(args.samples, seq, -1).numpy()
+        tail = kept.log_tail.view(args.samples, seq).numpy()
         per_token = (ids >= 0).sum() / (args.samples * seq)
-        stored = _shard_bytes(ids, logp, args.per_shard, 8, vocab) / (args.samples * seq)
+        stored = _shard_bytes(ids, logp, tail, args.per_shard, 8, vocab) / (args.samples * seq)
         plain = per_token * 6 + 2  # int32 id + fp16 value per entry, a uint16 count per token
         packed = per_token * (id_bits / 8 + 2) + 2  # ceil(log2 V)-bit ids, fp16 values
         print(
@@ -138,7 +143,7 @@ def main(argv=None) -> int:
             f"{stored / plain:.2f} | {vocab * 4 / stored:.0f}x |"
         )
         if name == "top-0.95-100":
-            kept_100 = (ids, logp, per_token, stored)
+            kept_100 = (ids, logp, per_token, stored, tail)
     print(
         f"\npaper: ~{PAPER_BYTES_PER_TOKEN} bytes/token at top-0.95-100 (38 kept entries, "
         f"V=151,552); here {kept_100[3]:.1f} bytes/token with {kept_100[2]:.1f} kept entries "
@@ -146,20 +151,41 @@ def main(argv=None) -> int:
     )
     from megatron_pd.logits import store_format as F
 
-    ids, logp = kept_100[0], kept_100[1]
+    ids, logp, tail = kept_100[0], kept_100[1], kept_100[4]
     valid = ids.reshape(-1, ids.shape[-1]) >= 0
     print("\nvalue encoding fidelity at top-0.95-100 (mean KL(exact || decoded), nats/token):")
     for bits in (8, 7, 6):
         decoded = F.dequantize(F.quantize(logp, bits, 16.0), bits, 16.0)
         kl = kl_fidelity(logp.reshape(valid.shape), decoded.reshape(valid.shape), valid)
-        size = _shard_bytes(ids, logp, args.per_shard, bits, vocab) / (args.samples * seq)
+        size = _shard_bytes(ids, logp, tail, args.per_shard, bits, vocab) / (args.samples * seq)
         print(f"  {bits} bits: KL {kl:.2e}, {size:.1f} bytes/token")
-    _decode_throughput(ids, logp, seq, vocab, args)
+    _tail_fidelity(ids, logp, tail)
+    _decode_throughput(ids, logp, tail, seq, vocab, args)
     _step_times(args, run_cfg)
     return 0
 
 
-def _decode_throughput(ids, logp, seq, vocab, args) -> None:
+def _tail_fidelity(ids, logp, tail) -> None:
+    """The teacher's tail mass r per token: stored as fp16 log r vs derived from the 8-bit
+    values (what a format-1 store had), against the exact r of the truncation."""
+    from megatron_pd.logits import store_format as F
+
+    valid = ids >= 0
+    exact = np.exp(tail.astype(np.float64))
+    stored = np.exp(tail.astype(np.float16).astype(np.float64))
+    decoded = np.where(valid, np.exp(F.dequantize(F.quantize(logp, 8, 16.0), 8, 16.0)), 0.0)
+    derived = np.clip(1.0 - decoded.sum(-1, dtype=np.float64), 0.0, 1.0)
+    for name, value in (("fp16 log r field", stored), ("1 - sum(8-bit values)", derived)):
+        error = np.abs(value - exact)
+        relative = error / np.maximum(exact, 1e-300)
+        print(
+            f"  tail mass from {name}: max |error| {error.max():.2e}, median relative "
+            f"{np.median(relative):.2e}, tokens off by > 10%: {(relative > 0.1).mean():.1%} "
+            f"(median r {np.median(exact):.3g}, smallest {exact.min():.3g})"
+        )
+
+
+def _decode_throughput(ids, logp, tail, seq, vocab, args) -> None:
     """Reader decode rate per core (CPU time of the reading thread): no sample cache, random
     sample order, the store in the page cache; samples read one at a time and in
     micro-batches (as a training run reads them: one padding pass per micro-batch). At the
@@ -174,6 +200,7 @@ def _decode_throughput(ids, logp, seq, vocab, args) -> None:
         samples = ids.shape[0] // join
         joined_ids = ids[: samples * join].reshape(samples, join * seq, -1)
         joined_logp = logp[: samples * join].reshape(samples, join * seq, -1)
+        joined_tail = tail[: samples * join].reshape(samples, join * seq)
         with tempfile.TemporaryDirectory() as tmp:
             header = F.StoreHeader(
                 vocab_size=vocab,
@@ -187,7 +214,9 @@ def _decode_throughput(ids, logp, seq, vocab, args) -> None:
             per_shard = max(args.per_shard // join, 8)
             for start in range(0, samples, per_shard):
                 members = list(range(start, min(start + per_shard, samples)))
-                blocks = [writer.encode(joined_ids[i], joined_logp[i]) for i in members]
+                blocks = [
+                    writer.encode(joined_ids[i], joined_logp[i], joined_tail[i]) for i in members
+                ]
                 writer.write_shard(shards, members, [-1] * len(members), blocks)
                 shards += 1
             writer.finish(shards)

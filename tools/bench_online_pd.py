@@ -121,8 +121,8 @@ def main(argv=None) -> int:
     from megatron_pd.engine.distill_module import DistillTrainModule
     from megatron_pd.engine.flops import forward_flops_per_token
     from megatron_pd.engine.train_module import TrainModule
-    from megatron_pd.models.gpt import padded_vocab_size
     from megatron_pd.parallel import topology
+    from megatron_pd.parallel.vocab import padded_vocab_size
     from megatron_pd.platform import quiet_known_warnings
 
     quiet_known_warnings()

@@ -41,7 +41,7 @@ def inspect_split(split_dir: str, samples: int, tokens: int, entries: int, token
         )
     ids = reader.sample_ids()[:samples]
     for sample in ids:
-        kept, logp = reader.get(sample)
+        kept, logp, log_tail = reader.get(sample)
         step = reader.step_of(sample)
         print(f"-- sample {sample}" + (f" (recorded at training step {step})" if step >= 0 else ""))
         for t in range(min(tokens, kept.shape[0])):
@@ -53,7 +53,10 @@ def inspect_split(split_dir: str, samples: int, tokens: int, entries: int, token
                 name = repr(tokenizer.piece(token)) if tokenizer else str(token)
                 pairs.append(f"{name}:{np.exp(logp[t][valid][i]):.3f}")
             mass = float(np.exp(logp[t][valid]).sum())
-            print(f"   token {t}: {int(valid.sum())} kept, mass {mass:.3f} | " + " ".join(pairs))
+            tail = "" if log_tail is None else f", tail {np.exp(np.float64(log_tail[t])):.3g}"
+            print(
+                f"   token {t}: {int(valid.sum())} kept, mass {mass:.3f}{tail} | " + " ".join(pairs)
+            )
     reader.close()
 
 

@@ -479,6 +479,10 @@ class LossConfig:
     an error where Triton cannot run) or reference (gathers the vocabulary; debugging)."""
     chunk_tokens: Optional[int] = None
     """Tokens per chunk of the torch path; None sizes chunks to ~4 MB of fp32 per buffer."""
+    check_inputs: bool = False
+    """Also check the loss inputs' values every step (labels in the vocabulary, teacher ids
+    in range and unique, log-probs <= 0). Shapes are always checked; the values are checked
+    where they are produced (truncation, store decode), so this is for debugging."""
 
     def __post_init__(self):
         _choice(

@@ -28,7 +28,6 @@ from megatron_pd.engine.train_module import StepResult, TrainModule, resolve_pre
 from megatron_pd.logits.truncation import TruncationSpec, truncate_vocab_parallel
 from megatron_pd.loss.objective import distillation_loss
 from megatron_pd.loss.spec import DenseTeacher, LossSpec, SparseTeacher
-from megatron_pd.models.gpt import VocabInfo
 from megatron_pd.models.teacher import (
     FrozenTeacher,
     checkpoint_padded_vocab,
@@ -44,6 +43,7 @@ from megatron_pd.parallel.exchange import (
     gather_union_tokens,
 )
 from megatron_pd.parallel.topology import Layout
+from megatron_pd.parallel.vocab import VocabInfo
 
 
 class DistillTrainModule(TrainModule):
@@ -221,7 +221,7 @@ class DistillTrainModule(TrainModule):
         logits = self.teacher.logits(union)
         output_rank = self.plan.is_teacher_output_rank(self.rank)
         if self.plan.mode == "sparse":
-            ids = logp = None
+            ids = logp = log_tail = None
             if output_rank:
                 flat = logits.reshape(-1, logits.shape[-1])
                 kept = truncate_vocab_parallel(
@@ -229,6 +229,7 @@ class DistillTrainModule(TrainModule):
                 )
                 ids = kept.indices.reshape(union.shape[0], seq, -1)
                 logp = kept.logprobs.reshape(union.shape[0], seq, -1)
+                log_tail = kept.log_tail.reshape(union.shape[0], seq)
             received = exchange_sparse(
                 self.plan,
                 self.rank,
@@ -239,12 +240,14 @@ class DistillTrainModule(TrainModule):
                 self.truncation.slots,
                 self.device,
                 self._bytes,
+                log_tail=log_tail,
             )
             payload = None
             if received is not None:
                 payload = SparseTeacher(
                     received[0].reshape(-1, self.truncation.slots).long(),
                     received[1].reshape(-1, self.truncation.slots),
+                    received[2].reshape(-1),
                 )
         else:
             dense = exchange_dense(
@@ -287,11 +290,12 @@ class DistillTrainModule(TrainModule):
                         f"distill.store_steps=[{first}, {last}]: this run reads past the "
                         "window (fewer train steps, or a wider window)"
                     )
-        ids, logp = reader.get_many(sample_ids)
+        ids, logp, log_tail = reader.get_many(sample_ids)
         slots = ids.shape[-1]
         teacher = SparseTeacher(
             torch.from_numpy(ids).view(-1, slots).to(self.device, torch.long),
             torch.from_numpy(logp).view(-1, slots).to(self.device),
+            None if log_tail is None else torch.from_numpy(log_tail).view(-1).to(self.device),
         )
         if self._retruncate is not None:
             from megatron_pd.logits.truncation import retruncate
@@ -323,6 +327,7 @@ class DistillTrainModule(TrainModule):
             self.groups.tp,
             impl=self.loss_impl,
             chunk_tokens=self.cfg.loss.chunk_tokens,
+            check_inputs=self.cfg.loss.check_inputs,
         )
         terms = {
             "loss": out["loss"],

@@ -20,13 +20,8 @@ import torch.distributed as dist
 from megatron_pd.config.schema import Config
 from megatron_pd.loss.objective import distillation_loss, resolve_implementation
 from megatron_pd.loss.spec import LossSpec
-from megatron_pd.models.gpt import (
-    VocabInfo,
-    build_gpt_model,
-    causal_attention_mask,
-    padded_vocab_size,
-    seed_rngs,
-)
+from megatron_pd.models.gpt import build_gpt_model, causal_attention_mask, seed_rngs
+from megatron_pd.parallel.vocab import VocabInfo, padded_vocab_size
 
 _LM_ONLY = LossSpec(alpha=0.0)  # plain next-token cross-entropy over the true vocabulary
 
@@ -157,6 +152,7 @@ class TrainModule:
             self.groups.tp,
             impl=self.loss_impl,
             chunk_tokens=self.cfg.loss.chunk_tokens,
+            check_inputs=self.cfg.loss.check_inputs,
         )
         return {"loss": out["loss"], "lm_loss": out["lm"]}
 

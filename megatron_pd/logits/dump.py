@@ -48,6 +48,8 @@ def truncation_header(spec: TruncationSpec) -> dict:
         "top_k": spec.top_k,
         "min_k": spec.min_k,
         "slots": spec.slots,
+        # top-p-inf keeps at most k_cap entries (the slots); recorded so a reader knows
+        "k_cap": spec.k_cap if spec.top_k is None else None,
     }
 
 
@@ -111,7 +113,6 @@ def dump_teacher_logits(
 ) -> dict:
     """Write ``store_dir/<split>/`` for each split; returns the summary (on every rank)."""
     from megatron_pd.data.datasets import SampleIds, build_splits
-    from megatron_pd.models.gpt import VocabInfo
     from megatron_pd.models.teacher import (
         FrozenTeacher,
         checkpoint_padded_vocab,
@@ -120,6 +121,7 @@ def dump_teacher_logits(
         teacher_model_config,
     )
     from megatron_pd.parallel import topology
+    from megatron_pd.parallel.vocab import VocabInfo
     from megatron_pd.train import load_tokenizer, resolve_vocab_size
 
     distill = cfg.distill
@@ -213,8 +215,9 @@ def dump_teacher_logits(
                     if is_writer:
                         kept_ids = kept.indices.view(len(chunk), -1, spec.slots).cpu().numpy()
                         kept_lp = kept.logprobs.view(len(chunk), -1, spec.slots).cpu().numpy()
+                        kept_tail = kept.log_tail.view(len(chunk), -1).cpu().numpy()
                         for b in range(len(chunk)):
-                            raw_blocks.append(writer.encode(kept_ids[b], kept_lp[b]))
+                            raw_blocks.append(writer.encode(kept_ids[b], kept_lp[b], kept_tail[b]))
                         valid = kept_ids >= 0
                         stats["tokens"] += int(valid.shape[0] * valid.shape[1])
                         stats["kept"] += int(valid.sum())

@@ -59,8 +59,9 @@ class LogitRecorder:
         samples = len(sample_ids)
         ids = kept.indices.view(samples, -1, self.spec.slots).cpu().numpy()
         logp = kept.logprobs.view(samples, -1, self.spec.slots).cpu().numpy()
+        log_tail = kept.log_tail.view(samples, -1).cpu().numpy()
         for b, sample in enumerate(sample_ids.tolist()):
-            block = self.writer.encode(ids[b], logp[b])
+            block = self.writer.encode(ids[b], logp[b], log_tail[b])
             self._buffer.append((int(sample), step, block, int((ids[b] >= 0).sum())))
         if self._first_step is None:
             self._first_step = step

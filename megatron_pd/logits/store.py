@@ -120,8 +120,10 @@ class StoreWriter:
             stats["value_kl_nats"] = totals["kl_sum"] / totals["kl_rows"]
         return stats, totals["shards"]
 
-    def encode(self, indices_SK: np.ndarray, logprobs_SK: np.ndarray) -> bytes:
-        return self.header.codec().encode(indices_SK, logprobs_SK)
+    def encode(
+        self, indices_SK: np.ndarray, logprobs_SK: np.ndarray, log_tail_S: np.ndarray | None
+    ) -> bytes:
+        return self.header.codec().encode(indices_SK, logprobs_SK, log_tail_S)
 
     def finish(self, num_shards: int) -> None:
         self.header.num_shards = num_shards
@@ -241,12 +243,14 @@ class StoreReader:
         return value
 
     def get(self, sample_id: int) -> tuple:
-        """([S, K] int32 ids, -1 padded; [S, K] float32 log-probs at tau = 1)."""
-        ids, values = self.codec.pad([self._compact(int(sample_id))])
-        return ids[0], values[0]
+        """([S, K] int32 ids, -1 padded; [S, K] float32 log-probs at tau = 1; [S] float32
+        log of the tail mass, or None for a format-1 store)."""
+        ids, values, log_tail = self.codec.pad([self._compact(int(sample_id))])
+        return ids[0], values[0], None if log_tail is None else log_tail[0]
 
     def get_many(self, sample_ids) -> tuple:
-        """[len, S, K] ids and log-probs for several samples (padded in one pass)."""
+        """[len, S, K] ids and log-probs and [len, S] log tail mass (or None) for several
+        samples (padded in one pass)."""
         return self.codec.pad([self._compact(int(s)) for s in sample_ids])
 
     def step_of(self, sample_id: int) -> int | None:

@@ -13,11 +13,15 @@ Shard file layout (little-endian):
     | i64 training steps [n] (-1 for a dump) | u32 crc32 of each block [n] | blocks...
 
 A sample block holds, for each of the sample's S tokens, the kept teacher entries of a top-p-k
-truncation: token ids ascending, stored as gaps between consecutive ids in LEB128 varints (one
-byte below 128, no vocabulary cap), and log-probabilities at tau = 1 under the full teacher
-distribution quantized to ``value_bits`` (uniform over [-logp_range, 0]). The concatenated
-streams (counts, gaps, values) are zstd-compressed with a dictionary trained on the shard's
-first samples, so each sample decodes on its own (random access by sample id).
+truncation: token ids ascending, stored as gaps between consecutive ids in fixed-width byte
+planes (no vocabulary cap), log-probabilities at tau = 1 under the full teacher distribution
+quantized to ``value_bits`` (uniform over [-logp_range, 0]), and (format version 2) the log of
+the teacher mass outside the kept entries, log r, as one float16 per token: the tail mass of
+a confident teacher (r = 1e-10 .. 1e-30) is far below what the 8-bit values resolve, and in the
+log domain fp16 keeps it to 2^-11 relative. The concatenated streams are zstd-compressed with
+a dictionary trained on the shard's first samples, so each sample decodes on its own (random
+access by sample id). Version 1 stores (no tail field) are still read; their tail mass is then
+derived from the decoded values.
 
 Everything here is pure numpy/zstd; writing and reading whole stores is logits/store.py.
 """
@@ -35,7 +39,9 @@ import numpy as np
 
 MAGIC = b"PDLOGIT1"
 FORMAT = "megatron_pd.logit_store"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
+TAIL_ENCODING = "log r per token, float16"
 _HEADER_NAME = "header.json"
 
 
@@ -58,6 +64,7 @@ class StoreHeader:
             "compression": "zstd",
             "level": 9,
             "dictionary": "per shard",
+            "tail": TAIL_ENCODING,
         }
     )
     samples_per_shard: int = 1024
@@ -80,6 +87,8 @@ class StoreHeader:
             int(self.encoding["id_bytes"]),
             int(self.encoding["value_bits"]),
             float(self.encoding["logp_range"]),
+            vocab_size=int(self.vocab_size),
+            tail=self.encoding.get("tail") == TAIL_ENCODING,
         )
 
     def to_json(self) -> str:
@@ -97,10 +106,10 @@ class StoreHeader:
             raise ValueError(f"{path} is not valid JSON: {err}") from None
         if raw.get("format") != FORMAT:
             raise ValueError(f"{path}: format {raw.get('format')!r} is not {FORMAT!r}")
-        if raw.get("version") != VERSION:
+        if raw.get("version") not in READABLE_VERSIONS:
             raise ValueError(
                 f"{path}: store version {raw.get('version')} is not supported "
-                f"(this reader reads version {VERSION})"
+                f"(this reader reads versions {', '.join(map(str, READABLE_VERSIONS))})"
             )
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in raw.items() if k in known})
@@ -148,7 +157,9 @@ class BlockCodec:
     uint16 when K > 255); the id gaps as ``id_bytes`` byte planes of N bytes each (low byte
     first: each token's ids ascending, the first as itself, each later one as the gap to
     the one before; the high planes are mostly zero and compress to little); the N value
-    codes (uint8). Every field is fixed-width, so decoding is a few vectorised numpy passes.
+    codes (uint8); with ``tail``, log r [S] as little-endian float16. Every field is
+    fixed-width, so decoding is a few vectorised numpy passes. Decoding checks what it
+    produces: ids below ``vocab_size`` and strictly ascending (no repeated id in a token).
     """
 
     seq_length: int
@@ -156,17 +167,27 @@ class BlockCodec:
     id_bytes: int
     value_bits: int
     logp_range: float
+    vocab_size: int | None = None
+    tail: bool = False
 
     @property
     def _count_dtype(self):
         return np.dtype(np.uint8) if self.slots <= 255 else np.dtype("<u2")
 
-    def encode(self, indices_SK: np.ndarray, logprobs_SK: np.ndarray) -> bytes:
-        """[S, K] ids (-1 = empty slot, any order) and log-probs -> raw block bytes."""
+    def encode(
+        self, indices_SK: np.ndarray, logprobs_SK: np.ndarray, log_tail_S: np.ndarray | None = None
+    ) -> bytes:
+        """[S, K] ids (-1 = empty slot, any order), log-probs and log r [S] -> block bytes."""
         if indices_SK.shape != (self.seq_length, self.slots):
             raise ValueError(
                 f"sample entries have shape {tuple(indices_SK.shape)}, the store holds "
                 f"[{self.seq_length}, {self.slots}]"
+            )
+        if self.tail != (log_tail_S is not None):
+            raise ValueError(
+                "this store keeps the tail mass per token: pass log_tail"
+                if self.tail
+                else "this store (format version 1) has no tail field"
             )
         valid = indices_SK >= 0
         order = np.argsort(
@@ -188,38 +209,65 @@ class BlockCodec:
         ]
         counts = valid.sum(axis=1).astype(self._count_dtype)
         codes = quantize(values[kept], self.value_bits, self.logp_range)
-        return b"".join([counts.tobytes(), *(p.tobytes() for p in planes), codes.tobytes()])
+        parts = [counts.tobytes(), *(p.tobytes() for p in planes), codes.tobytes()]
+        if self.tail:
+            parts.append(np.asarray(log_tail_S, dtype="<f2").reshape(self.seq_length).tobytes())
+        return b"".join(parts)
 
     def decode(self, raw: bytes) -> tuple:
-        """[S, K] int32 ids (-1 padded, ascending per token) and float32 log-probs."""
-        ids, values = self.pad([self.unpack(raw)])
-        return ids[0], values[0]
+        """[S, K] int32 ids (-1 padded, ascending per token), float32 log-probs, and log r [S]
+        float32 (None for a store without the tail field)."""
+        ids, values, log_tail = self.pad([self.unpack(raw)])
+        return ids[0], values[0], None if log_tail is None else log_tail[0]
 
     def unpack(self, raw: bytes) -> tuple:
-        """A block's compact parts, checked: (counts [S] int32, gaps [N] int32, codes [N])."""
+        """A block's compact parts, checked: (counts [S] int32, gaps [N] int32, codes [N],
+        log r [S] float16 or None)."""
         S, K = self.seq_length, self.slots
         data = np.frombuffer(raw, dtype=np.uint8)
         count_bytes = S * self._count_dtype.itemsize
+        tail_bytes = 2 * S if self.tail else 0
         if data.size < count_bytes:
             raise ValueError("sample block is shorter than its token counts")
         counts = np.frombuffer(raw, dtype=self._count_dtype, count=S).astype(np.int32)
         if counts.max(initial=0) > K:
             raise ValueError(f"a token count exceeds the {K} slots")
         total = int(counts.sum())
-        if data.size != count_bytes + total * (self.id_bytes + 1):
-            raise ValueError(
-                f"sample block has {data.size} bytes, its counts describe "
-                f"{count_bytes + total * (self.id_bytes + 1)}"
-            )
+        expected = count_bytes + total * (self.id_bytes + 1) + tail_bytes
+        if data.size != expected:
+            raise ValueError(f"sample block has {data.size} bytes, its counts describe {expected}")
         pos = count_bytes
         gaps = data[pos : pos + total].astype(np.int32)
         for b in range(1, self.id_bytes):
             pos += total
             gaps |= data[pos : pos + total].astype(np.int32) << (8 * b)
-        return counts, gaps, data[pos + total :]
+        if total:
+            self._check_ids(counts, gaps)
+        pos += total
+        codes = data[pos : pos + total]
+        log_tail = (
+            np.frombuffer(raw, dtype="<f2", count=S, offset=pos + total) if self.tail else None
+        )
+        return counts, gaps, codes, log_tail
+
+    def _check_ids(self, counts: np.ndarray, gaps: np.ndarray) -> None:
+        """Every id below the vocabulary and no id twice in a token (gaps after the first > 0)."""
+        nonempty = counts > 0
+        starts = (np.cumsum(counts) - counts)[nonempty]
+        later = np.ones(gaps.size, dtype=bool)
+        later[starts] = False
+        if (gaps[later] == 0).any():
+            raise ValueError("a token repeats a kept id (a zero gap after its first entry)")
+        if self.vocab_size is not None:
+            largest = int(np.add.reduceat(gaps.astype(np.int64), starts).max())
+            if largest >= self.vocab_size:
+                raise ValueError(
+                    f"token id {largest} is outside the vocabulary of {self.vocab_size}"
+                )
 
     def pad(self, parts: list) -> tuple:
-        """Unpacked samples -> [B, S, K] int32 ids (-1 padded) and float32 log-probs.
+        """Unpacked samples -> [B, S, K] int32 ids (-1 padded), float32 log-probs, and
+        [B, S] float32 log r (None without the tail field).
 
         One pass for the whole batch: the per-sample cost of decoding is then little more
         than unpacking (short samples decode as fast per token as long ones).
@@ -229,12 +277,23 @@ class BlockCodec:
         mask = _columns(K) < counts[:, None]
         ids = np.zeros((B * S, K), dtype=np.int32)
         ids[mask] = np.concatenate([p[1] for p in parts]) if B > 1 else parts[0][1]
+        if K > 1 and (mask[:, 1:] & (ids[:, 1:] == 0)).any():
+            raise ValueError("a token repeats a kept id (a zero gap after its first entry)")
         np.cumsum(ids, axis=1, dtype=np.int32, out=ids)
+        if self.vocab_size is not None and counts.any():
+            largest = int(ids[np.arange(B * S), np.maximum(counts - 1, 0)][counts > 0].max())
+            if largest >= self.vocab_size:
+                raise ValueError(
+                    f"token id {largest} is outside the vocabulary of {self.vocab_size}"
+                )
         ids[~mask] = -1
         codes = np.zeros((B * S, K), dtype=np.uint8)  # code 0 is log-prob 0 in empty slots
         codes[mask] = np.concatenate([p[2] for p in parts]) if B > 1 else parts[0][2]
         values = np.take(_code_table(self.value_bits, self.logp_range), codes)
-        return ids.reshape(B, S, K), values.reshape(B, S, K)
+        log_tail = None
+        if self.tail:
+            log_tail = np.concatenate([p[3] for p in parts]).astype(np.float32).reshape(B, S)
+        return ids.reshape(B, S, K), values.reshape(B, S, K), log_tail
 
 
 @functools.cache

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from dataclasses import dataclass
 
 import torch
 
 from megatron_pd.loss.spec import SparseTeacher
-from megatron_pd.models.gpt import VocabInfo
 from megatron_pd.parallel.collectives import all_gather_stacked
+from megatron_pd.parallel.vocab import VocabInfo
 
 _NAME = re.compile(r"^top-([0-9.]+)-(inf|[0-9]+)$")
 NEG = -1.0e30
@@ -74,44 +75,154 @@ class TruncationSpec:
         return cls(top_p=p, top_k=k, min_k=min_k, k_cap=k_cap)
 
 
+class TruncationCapWarning(UserWarning):
+    """A top-p-inf truncation hit its k_cap before reaching p on some tokens."""
+
+
+_cap_warned: set = set()  # truncation names already warned about (once per process)
+
+
+def order_entries(values_NC: torch.Tensor, ids_NC: torch.Tensor) -> tuple:
+    """Each row's entries sorted by (value descending, id ascending); empty slots (id -1) last.
+
+    The one tie rule of every truncation: equal probabilities keep the lowest token ids, so
+    every layout (TP size, shard boundaries, slot order of a store) keeps the same set.
+    """
+    by_id = torch.where(ids_NC >= 0, ids_NC, torch.full_like(ids_NC, torch.iinfo(torch.int64).max))
+    order = by_id.argsort(dim=-1, stable=True)
+    values_NC, ids_NC = values_NC.gather(1, order), ids_NC.gather(1, order)
+    key = torch.where(ids_NC >= 0, values_NC, torch.full_like(values_NC, -math.inf))
+    order = key.argsort(dim=-1, descending=True, stable=True)
+    return values_NC.gather(1, order), ids_NC.gather(1, order)
+
+
 def _keep_counts(logp_sorted_NK: torch.Tensor, spec: TruncationSpec) -> torch.Tensor:
-    """How many of the sorted entries to keep per token [N]."""
-    probs = logp_sorted_NK.exp()
-    before = torch.cumsum(probs, dim=-1) - probs  # mass of the entries ahead of each one
-    # Keep an entry while the mass before it is still short of p (float slack: the p = 1 case
-    # must not keep the whole cap because of rounding below 1).
-    short = before < spec.top_p - (1e-6 if spec.top_p >= 1.0 else 0.0)
-    count = short.sum(-1)
-    upper = (
-        logp_sorted_NK.shape[-1]
-        if spec.top_k is None
-        else min(spec.top_k, logp_sorted_NK.shape[-1])
+    """How many of the sorted entries to keep per token [N].
+
+    top_p = 1 keeps exactly min(k, slots) entries (top-k). For p < 1 an entry is kept while the
+    mass of the entries ahead of it, summed in float64 from the fp32 (or float64) log-probs,
+    is strictly below p; at least ``min_k`` are kept. Entries of probability 0 (logit -inf)
+    are never kept.
+    """
+    slots = logp_sorted_NK.shape[-1]
+    upper = slots if spec.top_k is None else min(spec.top_k, slots)
+    nonzero = (logp_sorted_NK > -math.inf).sum(-1)
+    if spec.top_p >= 1.0:
+        count = torch.full_like(nonzero, upper)
+    else:
+        probs = logp_sorted_NK.double().exp()
+        before = torch.cumsum(probs, dim=-1) - probs  # exact prefix sums of few entries
+        count = (before < spec.top_p).sum(-1).clamp(min=min(spec.min_k, upper), max=upper)
+    return torch.minimum(count, nonzero)
+
+
+def _warn_if_capped(logp_sorted_NK, counts_N, spec: TruncationSpec) -> None:
+    """Warn once per truncation name when top-p-inf stopped at k_cap short of p."""
+    if spec.top_k is not None or spec.name in _cap_warned or not counts_N.numel():
+        return
+    probs = logp_sorted_NK.double().exp()
+    kept = torch.where(
+        torch.arange(probs.shape[-1], device=probs.device) < counts_N[:, None], probs, 0.0
     )
-    return count.clamp(min=min(spec.min_k, upper), max=upper)
+    mass = kept.sum(-1)
+    capped = (counts_N >= spec.k_cap) & (mass < spec.top_p)
+    if capped.any():
+        _cap_warned.add(spec.name)
+        warnings.warn(
+            TruncationCapWarning(
+                f"{spec.name} is capped at k_cap={spec.k_cap} entries per token: "
+                f"{capped.float().mean().item():.1%} of tokens stopped there with kept mass "
+                f"{mass[capped].min().item():.3f} (lowest) where p={spec.top_p:g} was asked; "
+                "raise distill.k_cap or give a k"
+            ),
+            stacklevel=3,
+        )
+
+
+def _cut(ids_NC, logp_NC, log_rest_N, spec: TruncationSpec) -> SparseTeacher:
+    """Keep the first counts of sorted candidates; log_tail from the rest (float64 inputs).
+
+    ``log_rest_N``: log of the mass outside the candidates (-inf when they are everything).
+    """
+    slots = min(spec.slots, logp_NC.shape[1])
+    counts = _keep_counts(logp_NC[:, :slots], spec)
+    _warn_if_capped(logp_NC[:, :slots], counts, spec)
+    position = torch.arange(logp_NC.shape[1], device=logp_NC.device)[None, :]
+    dropped = torch.where(position >= counts[:, None], logp_NC, -math.inf)
+    log_tail = torch.logaddexp(torch.logsumexp(dropped, dim=-1), log_rest_N)
+    kept = position[:, :slots] < counts[:, None]
+    ids = torch.where(kept, ids_NC[:, :slots], torch.full_like(ids_NC[:, :slots], -1))
+    logp = torch.where(kept, logp_NC[:, :slots], torch.zeros_like(logp_NC[:, :slots]))
+    if slots < spec.slots:  # vocabulary smaller than the slots: pad
+        pad = spec.slots - slots
+        ids = torch.cat([ids, ids.new_full((ids.shape[0], pad), -1)], dim=1)
+        logp = torch.cat([logp, logp.new_zeros(logp.shape[0], pad)], dim=1)
+    return SparseTeacher(ids.long(), logp.float(), log_tail.float())
 
 
 def truncate_dense(
     teacher_logits_NV: torch.Tensor, true_vocab: int, spec: TruncationSpec
 ) -> SparseTeacher:
-    """Single-device reference: full sort of the true vocabulary. [N, K] ids and log-probs."""
+    """Single-device reference: a full stable sort of the true vocabulary in float64."""
     logits = teacher_logits_NV[:, :true_vocab].double()
-    logp = torch.log_softmax(logits, -1)
-    slots = min(spec.slots, true_vocab)
-    values, ids = logp.sort(dim=-1, descending=True)
-    values, ids = values[:, :slots], ids[:, :slots]
-    return _finish(ids, values, _keep_counts(values, spec), spec.slots)
+    # stable descending sort: ties keep the lowest ids (order_entries' rule)
+    values, ids = logits.sort(dim=-1, descending=True, stable=True)
+    top = values[:, :1].clamp_min(NEG)
+    # log-probs as (x - max) - log1p(mass below the maximum): the top entry is -r, not 0
+    logp = values - top - torch.log1p((values[:, 1:] - top).exp().sum(-1, keepdim=True))
+    rest = torch.full(values.shape[:1], -math.inf, dtype=values.dtype, device=values.device)
+    return _cut(ids, logp, rest, spec)
 
 
-def _finish(ids, logp, counts, slots):
-    position = torch.arange(ids.shape[1], device=ids.device)[None, :]
-    kept = position < counts[:, None]
-    ids = torch.where(kept, ids, torch.full_like(ids, -1))
-    logp = torch.where(kept, logp, torch.zeros_like(logp))
-    if ids.shape[1] < slots:  # vocabulary smaller than the slots: pad
-        pad = slots - ids.shape[1]
-        ids = torch.cat([ids, ids.new_full((ids.shape[0], pad), -1)], dim=1)
-        logp = torch.cat([logp, logp.new_zeros(logp.shape[0], pad)], dim=1)
-    return SparseTeacher(ids.long(), logp.float())
+def _local_candidates(block_Cv: torch.Tensor, k_local: int) -> tuple:
+    """This shard's k_local best columns (ties: lowest column) and the mass of the rest.
+
+    Returns (values [C, k_local] fp32 descending, local ids [C, k_local], rest_max [C],
+    rest_sum [C]): the rest's largest logit and sum exp(x - rest_max) over the columns not
+    chosen, summed directly (never as a difference, which cancels in fp32 when the rest is
+    1e-10 of the mass).
+    """
+    num, valid = block_Cv.shape
+    take = min(k_local + 1, valid)
+    values, ids = block_Cv.topk(take, dim=-1)
+    if take > k_local:
+        rest_max = values[:, k_local].clone()
+        threshold = values[:, k_local - 1]
+        # topk picks any of several entries tied at the boundary; redo those rows by id
+        tied = (rest_max == threshold).nonzero()[:, 0]
+        if tied.numel():
+            _lowest_ids_at_ties(block_Cv, values, ids, tied, threshold, k_local)
+        values, ids = values[:, :k_local], ids[:, :k_local]
+        safe_max = rest_max.clamp_min(NEG)
+        spread = torch.sub(block_Cv, safe_max[:, None]).clamp_max_(0.0).exp_()
+        spread.scatter_(1, ids, 0.0)  # the chosen columns (all >= rest_max) are not the rest
+        rest_sum = spread.sum(-1)
+    else:
+        rest_max = torch.full((num,), NEG, device=block_Cv.device)
+        rest_sum = torch.zeros(num, device=block_Cv.device)
+    return values, ids, rest_max, rest_sum
+
+
+def _lowest_ids_at_ties(block_Cv, values, ids, tied, threshold, k_local) -> None:
+    """In the ``tied`` rows, make the chosen entries equal to the threshold the lowest ids.
+
+    topk's output is sorted, so a row's entries above the threshold come first (n_above of
+    them, all chosen by any rule); the remaining k_local - n_above slots take the columns equal
+    to the threshold in ascending order: one comparison pass and one nonzero over those rows.
+    """
+    level = threshold[tied]
+    n_above = (values[tied, :k_local] > level[:, None]).sum(-1)
+    if tied.numel() * 8 > block_Cv.shape[0]:  # many tied rows (bf16): compare in place
+        equal = (block_Cv == threshold[:, None])[tied]
+    else:
+        equal = block_Cv.index_select(0, tied) == level[:, None]
+    where = equal.nonzero()  # [M, 2] row-major: columns ascending within each row
+    row = where[:, 0]
+    counts = torch.bincount(row, minlength=tied.numel())
+    rank = torch.arange(row.numel(), device=row.device) - (torch.cumsum(counts, 0) - counts)[row]
+    slot = n_above[row] + rank
+    keep = slot < k_local
+    ids[tied[row[keep]], slot[keep]] = where[keep, 1]  # their values are the threshold already
 
 
 def truncate_vocab_parallel(
@@ -119,43 +230,52 @@ def truncate_vocab_parallel(
     vocab: VocabInfo,
     spec: TruncationSpec,
     tp_group,
-    chunk_tokens: int = 4096,
+    chunk_tokens: int | None = None,
 ) -> SparseTeacher:
     """Top-p-k of logits sharded over ``tp_group`` (collective: one all-gather).
 
-    Returns the same SparseTeacher on every rank of the group.
+    ``chunk_tokens`` rows are read at a time (default: about 2^26 fp32 elements, 256 MB, per
+    temporary).
+
+    Returns the same SparseTeacher on every rank of the group, with ``log_tail``. The
+    merge runs in float64 on the gathered candidates: log-probs as (x - max) - log1p(S)
+    with S the mass below the maximum summed directly, so a confident teacher's top entry
+    is -r rather than 0, and log r is exact (not 1 - kept mass).
     """
     num_tokens = teacher_logits_Nv.shape[0]
     valid = vocab.valid_in_shard
-    k_local = min(spec.slots, valid)
-    width = 2 * spec.slots + 2
+    slots = spec.slots
+    k_local = min(slots, valid)
+    width = 2 * slots + 2
     rows = torch.empty(num_tokens, width, device=teacher_logits_Nv.device)
-    rows[:, : 2 * spec.slots] = NEG
-    rows[:, spec.slots : 2 * spec.slots] = -1.0  # candidate ids (as floats, exact below 2^24)
-    for start in range(0, num_tokens, chunk_tokens):
+    rows[:, :slots] = -math.inf
+    rows[:, slots : 2 * slots] = -1.0  # candidate ids (as floats, exact below 2^24)
+    rows[:, -2] = NEG
+    rows[:, -1] = 0.0
+    chunk_tokens = chunk_tokens or max(1, 2**26 // max(valid, 1))
+    for start in range(0, num_tokens if valid else 0, chunk_tokens):
         end = min(start + chunk_tokens, num_tokens)
         block = teacher_logits_Nv[start:end, :valid].float()
-        if valid == 0:
-            rows[start:end, -2] = NEG
-            rows[start:end, -1] = 0.0
-            continue
-        values, local_ids = block.topk(k_local, dim=-1)
-        local_max = values[:, 0]
+        values, local_ids, rest_max, rest_sum = _local_candidates(block, k_local)
+        if torch.isnan(values[:, 0]).any():  # topk ranks NaN first: one cheap check
+            row = start + int(torch.isnan(values[:, 0]).nonzero()[0, 0])
+            raise ValueError(f"teacher logits are NaN at token row {row} (tp rank {vocab.tp_rank})")
         rows[start:end, :k_local] = values
-        rows[start:end, spec.slots : spec.slots + k_local] = (local_ids + vocab.shard_start).float()
-        rows[start:end, -2] = local_max
-        rows[start:end, -1] = (block - local_max[:, None]).exp().sum(-1)
-    gathered = all_gather_stacked(rows, tp_group)  # [R, N, width]
-    values = gathered[..., : spec.slots].permute(1, 0, 2).reshape(num_tokens, -1)
-    ids = gathered[..., spec.slots : 2 * spec.slots].permute(1, 0, 2).reshape(num_tokens, -1)
-    local_max, local_sum = gathered[..., -2], gathered[..., -1]
-    global_max = local_max.max(0).values
-    lse = global_max + (local_sum * (local_max - global_max).exp()).sum(0).log()
-    slots = min(spec.slots, vocab.true_size)
-    best, order = values.topk(slots, dim=-1)
-    best_ids = ids.gather(1, order).round().long()
-    logp = best - lse[:, None]
-    return _finish(best_ids, logp, _keep_counts(logp, spec), spec.slots)
+        rows[start:end, slots : slots + k_local] = (local_ids + vocab.shard_start).float()
+        rows[start:end, -2] = rest_max
+        rows[start:end, -1] = rest_sum
+    gathered = all_gather_stacked(rows, tp_group).double()  # [R, N, width]
+    values = gathered[..., :slots].permute(1, 0, 2).reshape(num_tokens, -1)
+    ids = gathered[..., slots : 2 * slots].permute(1, 0, 2).reshape(num_tokens, -1).long()
+    values, ids = order_entries(values, ids)
+    top = values[:, :1].clamp_min(NEG)
+    # log of each rank's rest mass relative to the maximum (-inf for an empty rest)
+    rest = gathered[..., -2].t() - top + gathered[..., -1].t().log()
+    below_max = torch.cat([values[:, 1:] - top, rest], dim=1).exp().sum(-1, keepdim=True)
+    log_z = torch.log1p(below_max)  # log sum exp(x - max), the maximum's own term exact
+    logp = values - top - log_z
+    log_rest = torch.logsumexp(rest, dim=-1) - log_z[:, 0]
+    return _cut(ids, logp, log_rest, spec)
 
 
 def derivable_from(spec: TruncationSpec, stored: TruncationSpec) -> str | None:
@@ -178,17 +298,15 @@ def derivable_from(spec: TruncationSpec, stored: TruncationSpec) -> str | None:
 def retruncate(teacher: SparseTeacher, spec: TruncationSpec) -> SparseTeacher:
     """The top-p-k ``spec`` of already-truncated entries (see ``derivable_from``).
 
-    Exact for exact log-probs; with a store's quantized values the prefix boundary can move
-    where the cumulative mass is within the quantization error of p.
+    Exact for exact log-probs (ties by lowest id, as everywhere); with a store's quantized
+    values the prefix boundary can move where the cumulative mass is within the quantization
+    error of p. The dropped entries join the tail: log_tail = log(r + their mass).
     """
-    valid = teacher.valid
-    key = torch.where(valid, teacher.logprobs.float(), torch.full_like(teacher.logprobs, NEG))
-    values, order = key.sort(dim=-1, descending=True)
-    ids = teacher.indices.gather(1, order)
-    slots = min(spec.slots, ids.shape[1])
-    values, ids = values[:, :slots], ids[:, :slots]
-    counts = torch.minimum(_keep_counts(values, spec), valid.sum(-1))
-    return _finish(ids, values, counts, spec.slots)
+    from megatron_pd.loss.spec import tail_log_mass
+
+    values, ids = order_entries(teacher.logprobs.double(), teacher.indices.long())
+    values = torch.where(ids >= 0, values, torch.full_like(values, -math.inf))
+    return _cut(ids, values, tail_log_mass(teacher), spec)
 
 
 def truncation_stats(teacher: SparseTeacher) -> dict:

@@ -14,6 +14,7 @@ per process. All return per-token {"loss", "lm", "kd", "teacher_entropy", "agree
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 import torch.distributed as dist
@@ -27,9 +28,10 @@ from megatron_pd.loss.spec import (
     SparseTeacher,
     sparse_teacher_distribution,
 )
+from megatron_pd.loss.spec import check_inputs as validate_inputs
 from megatron_pd.loss.vocab_parallel import fused_distill_loss
-from megatron_pd.models.gpt import VocabInfo
 from megatron_pd.parallel.collectives import all_gather_stacked
+from megatron_pd.parallel.vocab import VocabInfo
 
 logger = logging.getLogger("megatron_pd.loss")
 _announced: set = set()
@@ -75,10 +77,10 @@ def _reference(student_Nv, labels_N, teacher, spec, vocab, tp_group) -> dict:
     with torch.no_grad():
         if isinstance(teacher, DenseTeacher):
             log_T = torch.log_softmax(teacher.logits[:, : vocab.true_size].float() / spec.tau, -1)
-            entropy = -(log_T.exp() * log_T).sum(-1)
+            entropy = -torch.where(log_T > -math.inf, log_T.exp() * log_T, 0.0).sum(-1)
             agree = (full[:, : vocab.true_size].argmax(-1) == log_T.argmax(-1)).float()
         elif isinstance(teacher, SparseTeacher):
-            T, r = sparse_teacher_distribution(teacher, spec.tau, spec.tail)
+            T, r, _ = sparse_teacher_distribution(teacher, spec.tau, spec.tail)
             entropy = -torch.xlogy(T, T).sum(-1) - (torch.xlogy(r, r) if spec.tail else 0.0)
             masked = torch.where(
                 teacher.valid, teacher.logprobs.float(), torch.full_like(T, float("-inf"))
@@ -101,14 +103,23 @@ def distillation_loss(
     impl: str = "torch",
     chunk_tokens: int | None = None,
     metrics: bool = True,
+    check_inputs: bool = True,
 ) -> dict:
-    """Per-token (1 - alpha) * CE + alpha * KD; collective over ``tp_group``. See module doc."""
+    """Per-token (1 - alpha) * CE + alpha * KD; collective over ``tp_group``. See module doc.
+
+    Input that the loss would misread is a ValueError naming the tensor (spec.check_inputs):
+    shapes always; with ``check_inputs`` also the values (label range, sparse ids in range
+    and unique, log-probs <= 0). The training engine turns the value checks off
+    (``loss.check_inputs``) because its producers - truncation, exchange, store decode -
+    check what they produce.
+    """
     impl = resolve_implementation(impl)
     if impl not in _announced:
         _announced.add(impl)
         logger.info("distillation loss implementation: %s", impl)
+    spec.check_teacher(teacher)
+    validate_inputs(student_logits_Nv, labels_N, teacher, spec, vocab, values=check_inputs)
     if impl == "reference":
-        spec.check_teacher(teacher)
         return _reference(student_logits_Nv, labels_N, teacher, spec, vocab, tp_group)
     return fused_distill_loss(
         student_logits_Nv,

@@ -83,7 +83,7 @@ def reference_loss(
 
 def _sparse_kd(P, teacher: SparseTeacher, spec: LossSpec, true_vocab: int, dtype):
     """KD against kept entries: a dense teacher vector, plus a ghost category with the tail."""
-    T_kept, r = sparse_teacher_distribution(teacher, spec.tau, spec.tail, dtype)
+    T_kept, r, _ = sparse_teacher_distribution(teacher, spec.tau, spec.tail, dtype)
     valid = teacher.valid
     index = torch.where(valid, teacher.indices, torch.zeros_like(teacher.indices)).long()
     T = torch.zeros_like(P)

@@ -17,18 +17,22 @@ logits s, teacher logits t, temperature tau; the student is divided by tau too u
 
 The hard-label CE always uses tau = 1. A *sparse* teacher gives, per token, the kept entries
 of a top-p-k truncation: global token ids and log-probabilities at tau = 1 under the full
-teacher distribution. The kept log-probs divided by tau are renormalised over the kept set
-(q); without a tail the teacher puts probability 0 elsewhere (the paper's choice). With
-``tail=True`` the dropped mass r = 1 - sum(kept probabilities at tau=1) becomes one extra
-"ghost" category on both sides: teacher r, student the mass it puts outside the kept set, and
-the kept teacher entries are scaled to (1 - r) * q. reverse_kl with a sparse teacher needs the
-tail (without it the teacher has zeros where the student does not).
+teacher distribution, and (optionally) log r, the log of the teacher mass outside the kept
+entries. The kept log-probs divided by tau are renormalised over the kept set (q); without a
+tail the teacher puts probability 0 elsewhere (the paper's choice). With ``tail=True`` the
+dropped mass r becomes one extra "ghost" category on both sides: teacher r, student the mass
+it puts outside the kept set, and the kept teacher entries are scaled to (1 - r) * q.
+reverse_kl with a sparse teacher needs the tail (without it the teacher has zeros where the
+student does not). r is taken from ``log_tail`` when the teacher carries it (truncation, the
+exchange and the store do: exact down to r = 1e-38 and beyond), else derived from the kept
+log-probs as -expm1(logsumexp(kept)) in float64 (exact only as far as those log-probs are).
 
 Tokens whose label is ``ignore_index`` contribute 0 and get zero gradient.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -91,17 +95,25 @@ class DenseTeacher:
 
 @dataclass
 class SparseTeacher:
-    """Kept teacher entries per token: global ids [N, K] (-1 = empty slot) and their
-    log-probabilities at tau = 1 under the full teacher distribution [N, K]."""
+    """Kept teacher entries per token: global ids [N, K] (-1 = empty slot), their
+    log-probabilities at tau = 1 under the full teacher distribution [N, K], and optionally
+    ``log_tail`` [N]: log of the teacher mass outside the kept entries (-inf: nothing was
+    dropped; None: unknown, derived from the kept log-probs where needed)."""
 
     indices: torch.Tensor
     logprobs: torch.Tensor
+    log_tail: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.indices.shape != self.logprobs.shape or self.indices.dim() != 2:
             raise ValueError(
                 f"sparse teacher: indices {tuple(self.indices.shape)} and logprobs "
                 f"{tuple(self.logprobs.shape)} must both be [tokens, K]"
+            )
+        if self.log_tail is not None and tuple(self.log_tail.shape) != (self.indices.shape[0],):
+            raise ValueError(
+                f"sparse teacher: log_tail {tuple(self.log_tail.shape)} must be "
+                f"[tokens] = ({self.indices.shape[0]},)"
             )
 
     @property
@@ -113,13 +125,29 @@ class SparseTeacher:
         return self.valid.sum(dim=-1)
 
 
+def tail_log_mass(teacher: SparseTeacher) -> torch.Tensor:
+    """log r [N] (float64): the carried ``log_tail``, or -expm1(logsumexp(kept)) computed in
+    float64 from the kept log-probs (r = 0, log r = -inf, where they hold all the mass)."""
+    if teacher.log_tail is not None:
+        return teacher.log_tail.double()
+    logp = torch.where(
+        teacher.valid,
+        teacher.logprobs.double(),
+        torch.full_like(teacher.logprobs.double(), -math.inf),
+    )
+    log_kept = torch.logsumexp(logp, dim=-1).clamp_max(0.0)  # a kept mass above 1 is rounding
+    # log(1 - e^x) = log(-expm1(x)): exact for x near 0, where 1 - kept mass would cancel
+    return torch.log(-torch.expm1(log_kept))
+
+
 def sparse_teacher_distribution(
     teacher: SparseTeacher, tau: float, tail: bool, dtype: torch.dtype = torch.float32
 ) -> tuple:
-    """(T [N, K], r [N]): teacher probabilities of the kept entries and the tail mass.
+    """(T [N, K], r [N], log r [N]): kept-entry teacher probabilities, the tail mass, its log.
 
     T = (1 - r) * softmax(logprob / tau) over the kept entries when ``tail``, else the plain
-    renormalised softmax (r is still returned for logging). Empty slots get T = 0.
+    renormalised softmax (r is still returned for logging). Empty slots get T = 0. r and
+    log r come from ``tail_log_mass`` (r in ``dtype`` may underflow to 0; log r stays exact).
     """
     valid = teacher.valid
     logp = teacher.logprobs.to(dtype)
@@ -127,8 +155,107 @@ def sparse_teacher_distribution(
     any_valid = valid.any(dim=-1, keepdim=True)
     q = torch.softmax(torch.where(any_valid, scaled, torch.zeros_like(scaled)), dim=-1)
     q = torch.where(valid, q, torch.zeros_like(q))
-    kept_mass = torch.where(valid, logp.exp(), torch.zeros_like(logp)).sum(dim=-1)
-    r = (1.0 - kept_mass).clamp_min(0.0)
+    log_r = tail_log_mass(teacher)
+    r = log_r.exp().to(dtype)
     if tail:
-        q = q * (1.0 - r)[:, None]
-    return q, r
+        q = q * (-torch.expm1(log_r)).to(dtype)[:, None]  # 1 - r without cancellation
+    return q, r, log_r.to(dtype)
+
+
+def check_inputs(student_Nv, labels_N, teacher, spec: LossSpec, vocab, values: bool) -> None:
+    """ValueError naming the tensor and shapes for input the loss would silently misread.
+
+    Shape checks always (no data is read); with ``values`` also the contents: label range,
+    sparse ids in [-1, V) and unique per token, log-probs finite and <= 0 (a few reductions
+    over [N] and [N, K], nothing over the vocabulary). ``vocab`` is this rank's VocabInfo.
+    """
+    if teacher is not None and not isinstance(teacher, (DenseTeacher, SparseTeacher)):
+        raise ValueError(
+            f"teacher is a {type(teacher).__name__}: pass a DenseTeacher, a SparseTeacher or "
+            "None (alpha = 0)"
+        )
+    if student_Nv.dim() != 2 or not student_Nv.is_floating_point():
+        raise ValueError(
+            f"student logits must be a float [tokens, vocab shard] tensor, got "
+            f"{student_Nv.dtype} {tuple(student_Nv.shape)}"
+        )
+    rows, width = student_Nv.shape
+    if width != vocab.shard_size:
+        raise ValueError(
+            f"student logits have {width} columns, this rank's vocab shard has "
+            f"{vocab.shard_size} (padded vocabulary {vocab.padded_size} / tp {vocab.tp_size})"
+        )
+    if labels_N is None:
+        if spec.alpha < 1.0:
+            raise ValueError(
+                f"labels=None with alpha={spec.alpha}: the hard-label term (1 - alpha) * CE "
+                "needs labels (pass alpha=1 for KD only)"
+            )
+    elif tuple(labels_N.shape) != (rows,) or labels_N.is_floating_point():
+        raise ValueError(
+            f"labels have shape {tuple(labels_N.shape)} ({labels_N.dtype}): need integer "
+            f"[tokens] = ({rows},) like the student logits"
+        )
+    if isinstance(teacher, DenseTeacher):
+        logits = teacher.logits
+        if logits.dim() != 2 or logits.shape[0] != rows:
+            raise ValueError(
+                f"teacher logits have {logits.shape[0] if logits.dim() else 0} rows, the "
+                f"student logits {rows} (teacher {tuple(logits.shape)}, student "
+                f"{tuple(student_Nv.shape)})"
+            )
+        if logits.shape[1] != width:
+            raise ValueError(
+                f"teacher logits have {logits.shape[1]} columns, the student logits {width}: "
+                "a dense teacher must be in the student's vocab layout"
+            )
+    elif isinstance(teacher, SparseTeacher):
+        if teacher.indices.shape[0] != rows:
+            raise ValueError(
+                f"teacher entries have {teacher.indices.shape[0]} rows, the student logits "
+                f"{rows} (indices {tuple(teacher.indices.shape)})"
+            )
+    if values:
+        _check_values(labels_N, teacher, spec, vocab)
+
+
+def _check_values(labels_N, teacher, spec: LossSpec, vocab) -> None:
+    true_vocab = vocab.true_size
+    if labels_N is not None and labels_N.numel():
+        bad = (labels_N != spec.ignore_index) & ((labels_N < 0) | (labels_N >= true_vocab))
+        if bad.any():
+            row = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"labels must be ignore_index ({spec.ignore_index}) or in [0, {true_vocab}): "
+                f"found {int(labels_N[row])} at token {row}"
+            )
+    if not isinstance(teacher, SparseTeacher) or not teacher.indices.numel():
+        return
+    ids = teacher.indices
+    bad = (ids < -1) | (ids >= true_vocab)
+    if bad.any():
+        row, slot = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"teacher ids must be -1 (empty) or in [0, {true_vocab}): found "
+            f"{int(ids[row, slot])} at token {row}, slot {slot}"
+        )
+    ordered = ids.sort(dim=-1).values
+    repeated = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)
+    if repeated.any():
+        row, slot = (int(i) for i in repeated.nonzero()[0])
+        raise ValueError(
+            f"teacher ids repeat within a token (row {row}: id {int(ordered[row, slot])}); "
+            "each kept id must appear once"
+        )
+    logp = teacher.logprobs
+    bad = teacher.valid & ~(torch.isfinite(logp) & (logp <= LOGPROB_SLACK))
+    if bad.any():
+        row, slot = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"teacher log-probs must be finite and <= 0 (log-probabilities at tau = 1): found "
+            f"{float(logp[row, slot])} at token {row}, slot {slot}"
+        )
+
+
+# A stored log-prob may round a little above 0 (quantization, fp16): not a user error.
+LOGPROB_SLACK = 1e-3

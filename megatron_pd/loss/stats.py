@@ -124,6 +124,21 @@ class Workspace:
         return buffer[:rows]
 
 
+def exp_rowdot(exp_Cv: torch.Tensor, shifted_Cv: torch.Tensor) -> torch.Tensor:
+    """sum_j e_j * x_j for e = exp(x): a -inf logit (e = 0) contributes 0, not 0 * -inf = NaN.
+
+    The batched dot runs first; only rows it turned into NaN are redone with the masked
+    product (checkpoints with masked columns carry -inf logits; most rows have none).
+    """
+    value = rowdot(exp_Cv, shifted_Cv)
+    bad = torch.isnan(value)
+    if bad.any():
+        rows = bad.nonzero()[:, 0]
+        e, x = exp_Cv[rows], shifted_Cv[rows]
+        value[rows] = torch.where(e > 0, e * x, torch.zeros_like(e)).sum(-1)
+    return value
+
+
 def rowdot(x_Cv: torch.Tensor, y_Cv: torch.Tensor) -> torch.Tensor:
     """sum_j x[c, j] * y[c, j] per row, as a batched matrix product (no [C, v] temporary).
 
@@ -176,7 +191,8 @@ def chunk_local_stats(
         return torch.stack([m, m] + [out[n] for n in names], dim=-1)
     ws = ws or Workspace(num, width, device)
     s = as_fp32_scaled(student_Cv, 1.0 / tau_s, ws.get("s", num))
-    m_s = s.amax(dim=-1)  # max-with-indices is ~10x slower than amax on CPU
+    # max-with-indices is ~10x slower than amax on CPU; a row of -inf logits has maximum NEG
+    m_s = s.amax(dim=-1).clamp_min_(NEG)
     if "amax_s" in names:
         amax = s.argmax(dim=-1)
         out["amax_s"] = (amax + shard_start).float()
@@ -184,7 +200,7 @@ def chunk_local_stats(
     exp_s = torch.exp(shifted_s, out=ws.get("exp_s", num))
     out["z_s"] = exp_s.sum(-1)
     if "d_s" in names:
-        out["d_s"] = rowdot(exp_s, shifted_s)
+        out["d_s"] = exp_rowdot(exp_s, shifted_s)
     if "q_ss" in names:
         out["q_ss"] = rowdot(exp_s, exp_s)
     if labels_local_C is not None:
@@ -198,12 +214,12 @@ def chunk_local_stats(
     m_t = torch.full_like(m_s, NEG)
     if teacher_Cv is not None:
         t = as_fp32_scaled(teacher_Cv, 1.0 / spec.tau, ws.get("t", num))
-        m_t = t.amax(dim=-1)
+        m_t = t.amax(dim=-1).clamp_min_(NEG)
         shifted_t = torch.sub(t, m_t[:, None], out=ws.get("shifted_t", num))
         exp_t = torch.exp(shifted_t, out=ws.get("exp_t", num))
         out["z_t"] = exp_t.sum(-1)
         if "b_t" in names:
-            out["b_t"] = rowdot(exp_t, shifted_t)
+            out["b_t"] = exp_rowdot(exp_t, shifted_t)
         if "t_at_amax" in names:
             out["t_at_amax"] = shifted_t.gather(1, amax[:, None])[:, 0] + m_t
         if "c_ts" in names:
@@ -256,7 +272,8 @@ def sparse_kept_stats(kept_shifted: torch.Tensor, sparse: dict, names: list) -> 
         out["k_t"] = torch.where(owned, T, torch.zeros_like(T)).sum(-1)
     if "k_zs" in names:
         out["k_zs"] = (kept_exp * kept_shifted).sum(-1)
-        log_T = torch.where(owned & (T > 0), T.clamp_min(1e-38).log(), torch.zeros_like(T))
+        # log T from the log-domain teacher (exact where T itself would underflow in fp32)
+        log_T = torch.where(owned, sparse["log_T"], torch.zeros_like(T))
         out["k_zlogT"] = (kept_exp * log_T).sum(-1)
     if "k_zz" in names:
         out["k_zz"] = (kept_exp * kept_exp).sum(-1)
@@ -387,7 +404,8 @@ def _finalize_sparse(merged, spec, values, info):
         G = (merged["z_out"] / z_s).clamp(0.0, 1.0)
     else:  # no tail: G only enters additively (JSD), 1 - P_K is accurate enough
         G = (1.0 - P_K).clamp_min(0.0)
-    r = info["r"]
+    r, log_r = info["r"], info["log_r"]
+    r_log_r = torch.where(r > 0, r * log_r, torch.zeros_like(r))  # xlogy(r, r), log r exact
     values["kept_mass_student"] = P_K
     values["teacher_entropy"] = info["teacher_entropy"]
     if "k_sbest" in merged:  # the teacher's top entry is (one of) the student's maxima
@@ -401,17 +419,18 @@ def _finalize_sparse(merged, spec, values, info):
         if tail:
             kd = kd - r * _log(G)
             if kind == "forward_kl":
-                kd = kd + torch.xlogy(r, r)
+                kd = kd + r_log_r
         values["kd"] = kd
         values["W"] = torch.full_like(kd, -1.0)
         values["a"] = -r / G.clamp_min(1e-38) if tail else torch.zeros_like(kd)
     elif kind == "reverse_kl":  # tail required
         sum_PlogP = merged["k_zs"] / z_s - log_z * P_K
         sum_PlogT = merged["k_zlogT"] / z_s
-        kd = sum_PlogP - sum_PlogT + torch.xlogy(G, G) - G * _log(r)
+        # G log G - G log r with log r carried exactly (r = 1e-22 is not clamped to 1e-38)
+        kd = sum_PlogP - sum_PlogT + torch.xlogy(G, G) - torch.where(G > 0, G * log_r, 0.0)
         values["kd"] = kd
         values["W"] = kd
-        values["a"] = _log(G) - _log(r)
+        values["a"] = _log(G) - log_r
     elif kind == "mse_probs":
         sum_pp = merged["q_ss"] / z_s**2
         kept_pp = merged["k_zz"] / z_s**2

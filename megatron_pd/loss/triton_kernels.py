@@ -68,8 +68,10 @@ if HAVE_TRITON:
         labels_ptr,  # [N] int64 label minus shard start, read-only (unused: HAS_LABELS=0)
         out_ptr,  # [N, out_cols] fp32, written: (m_s, m_t, stats at the COL_* columns)
         n_cols,
-        stride_s,
+        stride_s,  # row and column strides of the student and teacher (any view; Triton
+        stride_s_col,  # specialises a stride of 1, so contiguous rows cost nothing extra)
         stride_t,
+        stride_t_col,
         out_cols,
         shard_start,
         inv_tau_s,
@@ -115,7 +117,8 @@ if HAVE_TRITON:
         for start in range(0, n_cols, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             valid = cols < n_cols
-            x = tl.load(s_row + cols, mask=valid, other=0.0).to(tl.float32) * inv_tau_s
+            x = tl.load(s_row + cols * stride_s_col, mask=valid, other=0.0).to(tl.float32)
+            x = x * inv_tau_s
             x = tl.where(valid, x, NEG)
             new_m_s = tl.maximum(m_s, tl.max(x, axis=0))
             delta_s = m_s - new_m_s
@@ -130,14 +133,16 @@ if HAVE_TRITON:
                 best_idx = tl.where(better, (start + block_idx).to(tl.float32), best_idx)
                 best = tl.maximum(best, block_best)
             # Rescale-then-add, accumulators that need the old Z first.
-            d_s = f_s * (d_s + delta_s * z_s) + tl.sum(es * xs, axis=0)
+            # e * x with 0 * -inf = 0: a -inf logit has e = 0 and adds nothing
+            d_s = f_s * (d_s + delta_s * z_s) + tl.sum(tl.where(es > 0, es * xs, 0.0), axis=0)
             if COL_Z_1 >= 0:
                 z_1 = z_1 * tl.exp(tau_s * delta_s) + tl.sum(
                     tl.where(valid, tl.exp(tau_s * xs), 0.0), axis=0
                 )
             q_ss = q_ss * f_s * f_s + tl.sum(es * es, axis=0)
             if HAS_TEACHER:
-                y = tl.load(t_row + cols, mask=valid, other=0.0).to(tl.float32) * inv_tau
+                y = tl.load(t_row + cols * stride_t_col, mask=valid, other=0.0).to(tl.float32)
+                y = y * inv_tau
                 y = tl.where(valid, y, NEG)
                 new_m_t = tl.maximum(m_t, tl.max(y, axis=0))
                 delta_t = m_t - new_m_t
@@ -145,7 +150,7 @@ if HAVE_TRITON:
                 yt = y - new_m_t
                 et = tl.where(valid, tl.exp(yt), 0.0)
                 yt = tl.where(valid, yt, 0.0)
-                b_t = f_t * (b_t + delta_t * z_t) + tl.sum(et * yt, axis=0)
+                b_t = f_t * (b_t + delta_t * z_t) + tl.sum(tl.where(et > 0, et * yt, 0.0), axis=0)
                 c_ts = f_t * (c_ts + delta_s * z_t) + tl.sum(et * xs, axis=0)
                 e_st = f_s * (e_st + delta_t * z_s) + tl.sum(es * yt, axis=0)
                 q_tt = q_tt * f_t * f_t + tl.sum(et * et, axis=0)
@@ -192,7 +197,7 @@ if HAVE_TRITON:
         if COL_TARGET >= 0:
             label = tl.load(labels_ptr + row)
             owned = (label >= 0) & (label < n_cols)
-            picked = tl.load(s_row + tl.where(owned, label, 0)).to(tl.float32)
+            picked = tl.load(s_row + tl.where(owned, label, 0) * stride_s_col).to(tl.float32)
             tl.store(out_row + COL_TARGET, tl.where(owned, picked, 0.0))
 
     @triton.jit
@@ -204,7 +209,9 @@ if HAVE_TRITON:
         out_ptr,  # [N, 2] fp32, written: (sum JSD terms, sum P * dJSD/dP)
         n_cols,
         stride_s,
+        stride_s_col,
         stride_t,
+        stride_t_col,
         inv_tau_s,
         inv_tau,
         beta,
@@ -219,12 +226,16 @@ if HAVE_TRITON:
             cols = start + tl.arange(0, BLOCK)
             valid = cols < n_cols
             log_p = (
-                tl.load(student_ptr + row * stride_s + cols, mask=valid, other=0.0).to(tl.float32)
+                tl.load(
+                    student_ptr + row * stride_s + cols * stride_s_col, mask=valid, other=0.0
+                ).to(tl.float32)
                 * inv_tau_s
                 - lse_s
             )
             log_t = (
-                tl.load(teacher_ptr + row * stride_t + cols, mask=valid, other=0.0).to(tl.float32)
+                tl.load(
+                    teacher_ptr + row * stride_t + cols * stride_t_col, mask=valid, other=0.0
+                ).to(tl.float32)
                 * inv_tau
                 - lse_t
             )
@@ -249,8 +260,11 @@ if HAVE_TRITON:
         grad_ptr,  # [N, >= n_cols] gradient in the logits' dtype, written (valid columns)
         n_cols,
         stride_s,
+        stride_s_col,
         stride_t,
+        stride_t_col,
         stride_g,
+        stride_g_col,
         inv_tau_s,
         inv_tau,
         beta,
@@ -275,7 +289,8 @@ if HAVE_TRITON:
         for start in range(0, n_cols, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             valid = cols < n_cols
-            raw = tl.load(student_ptr + row * stride_s + cols, mask=valid, other=0.0).to(tl.float32)
+            raw = tl.load(student_ptr + row * stride_s + cols * stride_s_col, mask=valid, other=0.0)
+            raw = raw.to(tl.float32)
             x = raw * inv_tau_s
             p = tl.exp(x - lse_s)
             if MODE == MODE_CE:
@@ -290,9 +305,11 @@ if HAVE_TRITON:
                     g = p * (kd_w * (2.0 * p - w_mean) + ce_here)
                 else:
                     y = (
-                        tl.load(teacher_ptr + row * stride_t + cols, mask=valid, other=0.0).to(
-                            tl.float32
-                        )
+                        tl.load(
+                            teacher_ptr + row * stride_t + cols * stride_t_col,
+                            mask=valid,
+                            other=0.0,
+                        ).to(tl.float32)
                         * inv_tau
                     )
                     if MODE == MODE_MSE_LOGITS:
@@ -313,7 +330,11 @@ if HAVE_TRITON:
                     g += ce_w * tl.exp(raw - lse_1)
             if HAS_LABELS:
                 g = tl.where(cols == label, g - ce_w, g)
-            tl.store(grad_ptr + row * stride_g + cols, g.to(grad_ptr.dtype.element_ty), mask=valid)
+            tl.store(
+                grad_ptr + row * stride_g + cols * stride_g_col,
+                g.to(grad_ptr.dtype.element_ty),
+                mask=valid,
+            )
 
 
 _STAT_COLUMNS = (
@@ -349,6 +370,7 @@ def row_stats(
     Sparse-teacher sums (k_*) are left at 0 here; the caller adds them from the kept entries.
     """
     num, n_cols = student_Nv.shape[0], student_Nv.shape[1]
+    _check_same_shape(student_Nv, teacher_Nv)
     out = torch.zeros(num, 2 + len(names), device=student_Nv.device)
     if n_cols == 0:
         out[:, :2] = NEG
@@ -372,7 +394,9 @@ def row_stats(
         out,
         n_cols,
         student_Nv.stride(0),
+        student_Nv.stride(1),
         teacher.stride(0),
+        teacher.stride(1),
         out.shape[1],
         shard_start,
         1.0 / tau_s,
@@ -386,8 +410,18 @@ def row_stats(
     return out
 
 
+def _check_same_shape(student_Nv, other_Nv) -> None:
+    """The kernels read the teacher (and write the gradient) with the student's row width."""
+    if other_Nv is not None and other_Nv.shape != student_Nv.shape:
+        raise ValueError(
+            f"teacher/gradient {tuple(other_Nv.shape)} and student {tuple(student_Nv.shape)} "
+            "must have the same shape for the Triton kernels"
+        )
+
+
 def jsd_sums(student_Nv, teacher_Nv, lse_s, lse_t, spec, tau_s: float) -> torch.Tensor:
     num, n_cols = student_Nv.shape
+    _check_same_shape(student_Nv, teacher_Nv)
     out = torch.zeros(num, 2, device=student_Nv.device)
     if n_cols == 0:
         return out
@@ -399,7 +433,9 @@ def jsd_sums(student_Nv, teacher_Nv, lse_s, lse_t, spec, tau_s: float) -> torch.
         out,
         n_cols,
         student_Nv.stride(0),
+        student_Nv.stride(1),
         teacher_Nv.stride(0),
+        teacher_Nv.stride(1),
         1.0 / tau_s,
         1.0 / spec.tau,
         spec.jsd_beta,
@@ -423,6 +459,8 @@ def grad_rows(
     """Write the gradient of the valid columns into ``grad_Nv`` (the dense/generic part; the
     caller adds the kept entries' correction of a sparse teacher)."""
     num, n_cols = student_Nv.shape
+    _check_same_shape(student_Nv, teacher_Nv)
+    _check_same_shape(student_Nv, grad_Nv)
     if n_cols == 0 or num == 0:
         return
     tau_s = spec.tau_student if kind else 1.0
@@ -465,8 +503,11 @@ def grad_rows(
         grad_Nv,
         n_cols,
         student_Nv.stride(0),
+        student_Nv.stride(1),
         teacher.stride(0),
+        teacher.stride(1),
         grad_Nv.stride(0),
+        grad_Nv.stride(1),
         1.0 / tau_s,
         1.0 / spec.tau,
         spec.jsd_beta,

@@ -20,13 +20,16 @@ vocab, K kept entries of a sparse teacher, C tokens of a chunk.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from megatron_pd.loss import stats as S
 from megatron_pd.loss import triton_kernels as TK
 from megatron_pd.loss.spec import DenseTeacher, LossSpec, SparseTeacher, sparse_teacher_distribution
-from megatron_pd.models.gpt import VocabInfo
+from megatron_pd.loss.stats import NEG
 from megatron_pd.parallel.collectives import all_gather_stacked, all_reduce_sum
+from megatron_pd.parallel.vocab import VocabInfo
 
 
 def default_chunk_tokens(shard_width: int, tp_size: int = 1) -> int:
@@ -44,18 +47,26 @@ def default_chunk_tokens(shard_width: int, tp_size: int = 1) -> int:
 def _sparse_prep(teacher: SparseTeacher, spec: LossSpec, vocab: VocabInfo) -> dict:
     """Per-token teacher quantities of a sparse teacher (no communication: all ranks hold all
     kept entries) and this shard's view of the entries."""
-    T, r = sparse_teacher_distribution(teacher, spec.tau, spec.tail)
+    T, r, log_r = sparse_teacher_distribution(teacher, spec.tau, spec.tail)
     valid = teacher.valid
+    # log T in the log domain: T itself underflows in fp32 for entries below e^-87
+    scaled = torch.where(valid, teacher.logprobs.float() / spec.tau, torch.full_like(T, -math.inf))
+    log_q = scaled - torch.logsumexp(scaled, -1, keepdim=True).clamp_min(NEG)
+    log_T = log_q + (torch.log1p(-r)[:, None] if spec.tail else 0.0)
+    log_T = torch.where(valid, log_T, torch.zeros_like(log_T))
     local = teacher.indices.long() - vocab.shard_start
     owned = valid & (local >= 0) & (local < vocab.valid_in_shard)
     local = local.clamp(0, max(vocab.valid_in_shard - 1, 0))
-    sum_TlogT = torch.xlogy(T, T).sum(-1)
-    entropy = -sum_TlogT - torch.xlogy(r, r) if spec.tail else -sum_TlogT
+    sum_TlogT = (T * log_T).sum(-1)
+    r_log_r = torch.where(r > 0, r * log_r, torch.zeros_like(r))
+    entropy = -sum_TlogT - r_log_r if spec.tail else -sum_TlogT
     # T is zero in empty slots and ordered like the log-probs: its argmax is the best entry
     best = T.argmax(-1, keepdim=True)
     return {
         "T": T,
+        "log_T": log_T,
         "r": r,
+        "log_r": log_r,
         "local": local,
         "owned": owned,
         "has_entries": valid.any(-1),
@@ -291,14 +302,17 @@ class FusedDistillLossFunction(torch.autograd.Function):
         return grad, None, None, None, None, None, None, None, None, None, None, None, None
 
 
+_PER_ENTRY = ("T", "log_T", "local", "owned", "r", "best")  # what the chunk loops slice
+
+
 def _gathered_view(sparse: dict) -> dict:
-    return {k: sparse[k] for k in ("T", "local", "owned", "r", "best")}
+    return {k: sparse[k] for k in _PER_ENTRY}
 
 
 def _slice_sparse(sparse: dict | None, start: int, end: int) -> dict | None:
     if sparse is None:
         return None
-    return {k: v[start:end] for k, v in sparse.items() if k in ("T", "local", "owned", "r", "best")}
+    return {k: sparse[k][start:end] for k in _PER_ENTRY}
 
 
 def _jsd_chunk_sums(student_Cv, teacher_Cv, sparse, values, start, end, spec, tau_s):
@@ -425,7 +439,7 @@ def _kept_grad(P_kept, sparse, per_token, kd_col, spec):
     if kd in ("soft_ce", "forward_kl"):
         kept_grad = P_kept - T
     elif kd == "reverse_kl":
-        kept_grad = P_kept * (S._log(P_kept) - S._log(T) - W)
+        kept_grad = P_kept * (S._log(P_kept) - sparse["log_T"] - W)
     elif kd == "mse_probs":
         kept_grad = P_kept * (2.0 * (P_kept - T) - W)
     else:  # jsd

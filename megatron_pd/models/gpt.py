@@ -10,43 +10,12 @@ Shape legend: B batch, S sequence, V padded vocab, v this rank's vocab shard.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
 import torch.distributed as dist
 
 from megatron_pd.config.schema import ModelConfig
 from megatron_pd.models.init import init_layout_invariant
-
-
-@dataclass(frozen=True)
-class VocabInfo:
-    """True and padded vocabulary sizes and this rank's slice of the padded vocabulary."""
-
-    true_size: int
-    padded_size: int
-    tp_size: int
-    tp_rank: int
-
-    @property
-    def shard_size(self) -> int:
-        return self.padded_size // self.tp_size
-
-    @property
-    def shard_start(self) -> int:
-        return self.tp_rank * self.shard_size
-
-    @property
-    def valid_in_shard(self) -> int:
-        """Columns of this rank's shard that belong to the true vocabulary."""
-        return max(0, min(self.shard_size, self.true_size - self.shard_start))
-
-
-def padded_vocab_size(true_size: int, divisible_by: int, tp_size: int) -> int:
-    """Smallest multiple of ``divisible_by * tp_size`` that holds the true vocabulary."""
-    multiple = divisible_by * tp_size
-    return int(math.ceil(true_size / multiple) * multiple)
+from megatron_pd.parallel.vocab import VocabInfo
 
 
 def resolve_transformer_impl(requested: str) -> str:

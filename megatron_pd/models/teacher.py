@@ -19,8 +19,9 @@ import torch
 import torch.distributed as dist
 
 from megatron_pd.config.schema import ModelConfig
-from megatron_pd.models.gpt import VocabInfo, build_gpt_model, causal_attention_mask, seed_rngs
+from megatron_pd.models.gpt import build_gpt_model, causal_attention_mask, seed_rngs
 from megatron_pd.models.init import sharding_metadata
+from megatron_pd.parallel.vocab import VocabInfo
 
 
 def resolve_teacher_source(path: str) -> tuple:

@@ -191,31 +191,37 @@ def exchange_sparse(
     slots: int,
     device,
     counter: dict | None = None,
+    log_tail=None,
 ):
     """Student loss ranks get their samples' kept entries: (ids [B, S, K] int32, log-probs
-    [B, S, K] fp32); other ranks get None. ``indices``/``logprobs`` [|U| * B, S, K] on
-    teacher output ranks. Collective over the world (point-to-point)."""
+    [B, S, K] fp32, log tail mass [B, S] fp32); other ranks get None. ``indices``/``logprobs``
+    [|U| * B, S, K] and ``log_tail`` [|U| * B, S] on teacher output ranks. Collective over
+    the world (point-to-point)."""
     ops, keep, result = [], [], None
     for t in plan.sends(rank):
         rows = slice(t.union_slot * batch, (t.union_slot + 1) * batch)
-        ids = indices[rows].to(torch.int32).contiguous()
-        values = logprobs[rows].float().contiguous()
+        pieces = (
+            indices[rows].to(torch.int32).contiguous(),
+            logprobs[rows].float().contiguous(),
+            log_tail[rows].float().contiguous(),
+        )
         if t.dst == rank:
-            result = (ids, values)
+            result = pieces
             continue
-        keep.extend([ids, values])
-        ops.append(dist.P2POp(dist.isend, ids, t.dst))
-        ops.append(dist.P2POp(dist.isend, values, t.dst))
-        _count(counter, ids)
-        _count(counter, values)
+        keep.extend(pieces)
+        for piece in pieces:
+            ops.append(dist.P2POp(dist.isend, piece, t.dst))
+            _count(counter, piece)
     for t in plan.receives(rank):
         if t.src == rank:
             continue
-        ids = torch.empty(batch, seq, slots, dtype=torch.int32, device=device)
-        values = torch.empty(batch, seq, slots, dtype=torch.float32, device=device)
-        result = (ids, values)
-        ops.append(dist.P2POp(dist.irecv, ids, t.src))
-        ops.append(dist.P2POp(dist.irecv, values, t.src))
+        result = (
+            torch.empty(batch, seq, slots, dtype=torch.int32, device=device),
+            torch.empty(batch, seq, slots, dtype=torch.float32, device=device),
+            torch.empty(batch, seq, dtype=torch.float32, device=device),
+        )
+        for piece in result:
+            ops.append(dist.P2POp(dist.irecv, piece, t.src))
     _run_p2p(ops)
     return result
 

@@ -9,12 +9,12 @@ tokens, a sparse row with no kept entry, and a chunk size that does not divide t
 import pytest
 import torch
 import torch.distributed as dist
-
 from _dist import run_distributed
+
 from megatron_pd.loss.reference import reference_loss
 from megatron_pd.loss.spec import KD_KINDS, DenseTeacher, LossSpec, SparseTeacher
 from megatron_pd.loss.vocab_parallel import fused_distill_loss
-from megatron_pd.models.gpt import VocabInfo
+from megatron_pd.parallel.vocab import VocabInfo
 
 TRUE_VOCAB, PADDED_VOCAB, TOKENS, KEEP, CHUNK = 97, 104, 13, 8, 4
 # fp32 fused path vs float64 reference on O(1) losses: rounding of log-sum-exp and of

@@ -5,11 +5,11 @@ vocab_parallel_cross_entropy where there is no padding."""
 import pytest
 import torch
 import torch.distributed as dist
-
 from _dist import run_distributed
+
 from megatron_pd.loss.spec import LossSpec
 from megatron_pd.loss.vocab_parallel import fused_distill_loss
-from megatron_pd.models.gpt import VocabInfo
+from megatron_pd.parallel.vocab import VocabInfo
 
 
 def vocab_parallel_cross_entropy(logits, labels, vocab, group):

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-
 from _dist import run_distributed
 from _runs import (
     TORCHRUN_ENV,
@@ -20,6 +19,7 @@ from _runs import (
     torchrun_command,
     train_in_ranks,
 )
+
 from megatron_pd.config import load_config
 from megatron_pd.logits.store import StoreReader
 
@@ -59,9 +59,9 @@ def direct_entries(rank, world_size, teacher_run, small_corpus, sample_ids):
     from megatron_pd.data.datasets import SampleIds, build_splits
     from megatron_pd.data.tokenizer import Tokenizer
     from megatron_pd.logits.truncation import TruncationSpec, truncate_vocab_parallel
-    from megatron_pd.models.gpt import VocabInfo
     from megatron_pd.models.teacher import FrozenTeacher, resolve_teacher_source
     from megatron_pd.parallel import topology
+    from megatron_pd.parallel.vocab import VocabInfo
 
     checkpoint, config = resolve_teacher_source(str(teacher_run))
     groups = topology.init_student_groups(1, 1)
@@ -76,16 +76,20 @@ def direct_entries(rank, world_size, teacher_run, small_corpus, sample_ids):
     logits = teacher.logits(tokens).reshape(-1, 512)
     kept = truncate_vocab_parallel(logits, teacher.vocab, TruncationSpec.parse(TRUNCATION),
                                    dist.group.WORLD)
-    return kept.indices.view(len(sample_ids), 64, -1), kept.logprobs.view(len(sample_ids), 64, -1)
+    return (kept.indices.view(len(sample_ids), 64, -1), kept.logprobs.view(len(sample_ids), 64, -1),
+            kept.log_tail.view(len(sample_ids), 64))
 
 
 def test_round_trip_and_summary(store, teacher_run, small_corpus):
     reader = StoreReader(os.path.join(store["dir"], "train"))
     samples = [0, 1, 63, 64, reader.num_samples - 1]
-    expected_ids, expected_logp = run_distributed(direct_entries, 1, teacher_run, small_corpus,
-                                                  samples)[0]
+    expected_ids, expected_logp, expected_tail = run_distributed(
+        direct_entries, 1, teacher_run, small_corpus, samples)[0]
     for b, sample in enumerate(samples):
-        ids, logp = reader.get(sample)
+        ids, logp, log_tail = reader.get(sample)
+        # the tail mass per token, kept in its own fp16 log field: 2^-11 relative in log r
+        want_tail = expected_tail[b].numpy()
+        assert np.allclose(log_tail, want_tail, rtol=2.0**-10, atol=0), sample
         for t in range(64):
             want = expected_ids[b, t][expected_ids[b, t] >= 0].numpy()
             order = np.argsort(want)
@@ -95,7 +99,7 @@ def test_round_trip_and_summary(store, teacher_run, small_corpus):
             assert np.abs(logp[t][: len(got)] - want_lp).max() <= VALUE_TOL
             # kept count follows the rule: the smallest prefix reaching p, at most k
             probs = np.sort(np.exp(want_lp))[::-1]
-            needed = int((np.cumsum(probs) - probs < 0.9 - 1e-6).sum())
+            needed = int((np.cumsum(probs) - probs < 0.9).sum())
             assert len(got) == min(max(needed, 1), 12)
     summary = store["summary"]["train"]
     assert summary["tokens"] == reader.num_samples * 64
@@ -282,7 +286,7 @@ def test_store_recorded_during_pretraining(small_corpus, store, tmp_path):
     assert reader.num_samples == 4 * 8  # every trained sample, once
     steps = sorted({reader.step_of(s) for s in reader._where})
     assert steps == [1, 2, 3, 4]
-    ids, logp = reader.get(next(iter(reader._where)))
+    ids, logp, _ = reader.get(next(iter(reader._where)))
     assert ((ids >= 0).sum(1) >= 1).all() and (logp <= 0).all()
     # A student trains from it (same data, its own layout and batch size).
     student = run_args(small_corpus, tmp_path / "student", "--train.train_steps=4",

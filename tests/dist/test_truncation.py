@@ -3,15 +3,15 @@
 import pytest
 import torch
 import torch.distributed as dist
-
 from _dist import run_distributed
+
 from megatron_pd.logits.truncation import (
     TruncationSpec,
     truncate_dense,
     truncate_vocab_parallel,
     truncation_stats,
 )
-from megatron_pd.models.gpt import VocabInfo
+from megatron_pd.parallel.vocab import VocabInfo
 
 TRUE_VOCAB, PADDED, TOKENS = 211, 224, 17
 SPECS = ["top-0.95-100", "top-0.95-inf", "top-1.0-50", "top-0.5-20", "top-0.95-1",

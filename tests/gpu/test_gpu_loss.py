@@ -27,7 +27,7 @@ def _group():
 def test_triton_equals_torch_on_gpu(kind, dtype):
     from megatron_pd.loss.spec import DenseTeacher, LossSpec
     from megatron_pd.loss.vocab_parallel import fused_distill_loss
-    from megatron_pd.models.gpt import VocabInfo
+    from megatron_pd.parallel.vocab import VocabInfo
 
     torch.manual_seed(0)
     tokens, vocab = 512, 151552

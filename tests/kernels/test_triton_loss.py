@@ -14,7 +14,7 @@ from megatron_pd.loss import triton_kernels
 from megatron_pd.loss.reference import reference_loss
 from megatron_pd.loss.spec import KD_KINDS, DenseTeacher, LossSpec, SparseTeacher
 from megatron_pd.loss.vocab_parallel import fused_distill_loss
-from megatron_pd.models.gpt import VocabInfo
+from megatron_pd.parallel.vocab import VocabInfo
 
 pytestmark = pytest.mark.skipif(
     not triton_kernels.triton_available()[0], reason=triton_kernels.triton_available()[1]
