@@ -422,7 +422,11 @@ def _finalize_sparse(merged, spec, values, info):
                 kd = kd + r_log_r
         values["kd"] = kd
         values["W"] = torch.full_like(kd, -1.0)
-        values["a"] = -r / G.clamp_min(1e-38) if tail else torch.zeros_like(kd)
+        # the outside derivative a = -r / G; where the outside is empty (G = 0) it multiplies
+        # only P_j = 0 and is set to 0 so that no inf * 0 arises
+        values["a"] = (
+            torch.where(G > 0, -r / G.clamp_min(1e-38), 0.0) if tail else torch.zeros_like(kd)
+        )
     elif kind == "reverse_kl":  # tail required
         sum_PlogP = merged["k_zs"] / z_s - log_z * P_K
         sum_PlogT = merged["k_zlogT"] / z_s
@@ -430,7 +434,7 @@ def _finalize_sparse(merged, spec, values, info):
         kd = sum_PlogP - sum_PlogT + torch.xlogy(G, G) - torch.where(G > 0, G * log_r, 0.0)
         values["kd"] = kd
         values["W"] = kd
-        values["a"] = _log(G) - log_r
+        values["a"] = torch.where(G > 0, _log(G) - log_r, 0.0)  # G = 0: nothing outside
     elif kind == "mse_probs":
         sum_pp = merged["q_ss"] / z_s**2
         kept_pp = merged["k_zz"] / z_s**2

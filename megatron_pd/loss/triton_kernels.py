@@ -300,7 +300,8 @@ if HAVE_TRITON:
                 if SHARED_CE:
                     ce_here = ce_w
                 if MODE == MODE_SPARSE:
-                    g = p * (kd_w * (a_out - w_mean) + ce_here)
+                    # (p * (a - W)) * kd_w: a = -r / G can be huge, the product stays finite
+                    g = (p * (a_out - w_mean)) * kd_w + p * ce_here
                 elif MODE == MODE_SPARSE_MSE:
                     g = p * (kd_w * (2.0 * p - w_mean) + ce_here)
                 else:

@@ -424,6 +424,14 @@ def _sparse_kd_grad(P, sparse, per_token, kd_col, ce_col, spec):
         if ce_col is not None:
             factor.add_(ce_col)
         grad = P.mul_(factor)
+    elif spec.tail:
+        # P * (a - W) first: a = -r / G is huge where the student leaves almost nothing
+        # outside, and (a - W) * kd_weight alone could overflow (fp16 loss scales) while the
+        # product with P (<= G) stays below r * kd_weight
+        shared = P.clone() if ce_col is not None else None
+        grad = P.mul_(per_token["a"][:, None] - W).mul_(kd_col)
+        if shared is not None:
+            grad.add_(shared.mul_(ce_col))
     else:
         coefficient = (per_token["a"][:, None] - W) * kd_col
         grad = P.mul_(coefficient if ce_col is None else coefficient + ce_col)
@@ -453,13 +461,14 @@ def _overwrite_kept(grad, sparse, values):
 
     Overwritten, not corrected by adding (kept - generic): with a tail the generic outside
     coefficient -r / G is huge when the student leaves almost no mass outside the kept set,
-    and adding then subtracting it at a kept column would cancel catastrophically. Zeroing
-    multiplies by 0/1 factors and the values add 0 in foreign slots, so an empty or foreign
-    slot (its column clamped onto some real column) never disturbs a kept one.
+    and adding then subtracting it at a kept column would cancel catastrophically. Only owned
+    slots are written (an empty or foreign slot's column is clamped onto some real column);
+    kept ids are unique per token, so a plain indexed assignment is exact.
     """
     owned = sparse["owned"]
-    grad.scatter_reduce_(1, sparse["local"], owned.logical_not().to(grad.dtype), reduce="prod")
-    return grad.scatter_add_(1, sparse["local"], values.to(grad.dtype))
+    rows = torch.arange(grad.shape[0], device=grad.device)[:, None].expand_as(owned)[owned]
+    grad[rows, sparse["local"][owned]] = values[owned].to(grad.dtype)
+    return grad
 
 
 def fused_distill_loss(

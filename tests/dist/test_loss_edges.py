@@ -480,3 +480,70 @@ def test_value_checks_can_be_turned_off_but_shape_checks_cannot():
                 assert messages[name] is None, (name, messages[name])
             else:
                 assert messages[name] is not None, name
+
+
+# ------------------------------------------------------------------ more edges
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_nothing_dropped_means_zero_tail(world_size):
+    """top-1.0-k with k >= V keeps everything: r = 0 exactly; every tail loss stays finite and
+    equals the dense teacher's (the ghost category is empty on both sides)."""
+    logits = torch.randn(TOKENS, PADDED, generator=torch.Generator().manual_seed(14)) * 3
+    teacher = run_distributed(truncate_all, world_size, logits, ["top-1.0-256"])[0][0]
+    assert (teacher.kept_counts() == TRUE_VOCAB).all() and torch.isneginf(teacher.log_tail).all()
+    student = student_logits()
+    labels = torch.randint(0, TRUE_VOCAB, (TOKENS,), generator=torch.Generator().manual_seed(5))
+    specs = [LossSpec(kind=k, alpha=0.6, tau=2.0, tail=True)
+             for k in ("reverse_kl", "forward_kl", "jsd", "mse_probs")]
+    per_rank = run_distributed(loss_cases, world_size, student, teacher, specs, labels, IMPLS)
+    for rank_results in per_rank:
+        for _, _, loss, grad in rank_results:
+            assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    check_against(per_rank, world_size, student, labels, DenseTeacher(logits.double()))
+
+
+def confident_student(rank, world_size, impl, gap):
+    """The student leaves (almost) nothing outside the kept set of a teacher with a large tail
+    (r ~ 0.9) while the KD term is scaled by a large upstream gradient (fp16 loss scaling):
+    the outside derivative -r / G is enormous, the gradient must stay finite."""
+    cols = columns(rank, world_size)
+    logits = torch.randn(TOKENS, PADDED, generator=torch.Generator().manual_seed(15))
+    kept = truncate_vocab_parallel(logits[:, cols], vocab_of(rank, world_size),
+                                   TruncationSpec.parse("top-1.0-3"), dist.group.WORLD)
+    student = torch.zeros(TOKENS, PADDED)
+    student.scatter_(1, kept.indices, gap)  # G = 208 e^-gap: 0 at 120, ~1e-37 at 90
+    x = student[:, cols].clone().requires_grad_()
+    out = distillation_loss(x, None, kept, LossSpec(kind="forward_kl", tail=True),
+                            vocab_of(rank, world_size), dist.group.WORLD, impl=impl)
+    (out["loss"] * 65536.0).sum().backward()
+    return out["loss"].detach(), x.grad, kept.log_tail
+
+
+@pytest.mark.parametrize("gap", [90.0, 120.0])
+@pytest.mark.parametrize("impl", [i for i in IMPLS if i != "reference"])
+def test_loss_scaled_tail_gradient_is_finite(impl, gap):
+    for loss, grad, log_tail in run_distributed(confident_student, 2, impl, gap):
+        assert log_tail.exp().min() > 0.5  # a large tail
+        assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+        # the loss is about -r log G: 90 or 120 nats times r, plus r log r
+        assert (loss > 0.5 * gap * 0.5).all()
+
+
+def no_tokens(rank, world_size, impl):
+    vocab = vocab_of(rank, world_size)
+    width = vocab.shard_size
+    x = torch.zeros(0, width, requires_grad=True)
+    empty = SparseTeacher(torch.zeros(0, 4, dtype=torch.long), torch.zeros(0, 4))
+    results = []
+    for teacher in (None, DenseTeacher(torch.zeros(0, width)), empty):
+        spec = LossSpec(alpha=0.5 if teacher is not None else 0.0)
+        out = distillation_loss(x, torch.zeros(0, dtype=torch.long), teacher, spec, vocab,
+                                dist.group.WORLD, impl=impl)
+        out["loss"].sum().backward()
+        results.append(tuple(out["loss"].shape))
+    return results
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_zero_tokens(impl):
+    for shapes in run_distributed(no_tokens, 2, impl):
+        assert shapes == [(0,), (0,), (0,)]
