@@ -46,33 +46,14 @@ def _is_number(text: str) -> bool:
         return False
 
 
-def resolve_vocab_size(cfg, tokenizer) -> int:
-    """True vocabulary size of the run; ValueError if the model cannot hold the tokenizer's."""
-    if cfg.model.vocab_size is None:
-        return tokenizer.vocab_size
-    if cfg.model.vocab_size < tokenizer.vocab_size:
-        raise ValueError(
-            f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
-            f"{tokenizer.vocab_size} tokens (data.tokenizer_model={tokenizer.model_path})"
-        )
-    return cfg.model.vocab_size
-
-
-def load_tokenizer(cfg):
-    from megatron_pd.data.tokenizer import Tokenizer
-
-    if not cfg.data.tokenizer_model:
-        raise ValueError("data.tokenizer_model is not set")
-    return Tokenizer(cfg.data.tokenizer_model)
-
-
 def dry_run(cfg, world_size: int) -> int:
     """Validate config, topology and data files without starting any process group."""
     from megatron_pd.data.datasets import check_data
+    from megatron_pd.data.tokenizer import load_tokenizer, resolve_vocab_size
     from megatron_pd.engine.flops import train_flops_per_token
     from megatron_pd.models.gpt import count_parameters
     from megatron_pd.parallel.topology import Layout, describe_layout
-    from megatron_pd.parallel.vocab import padded_vocab_size
+    from megatron_pd.parallel.vocab import model_padded_vocab
 
     dp = cfg.validate_for_world(world_size)
     student_layout = Layout(world_size, cfg.parallel.tp, cfg.parallel.pp)
@@ -92,21 +73,22 @@ def dry_run(cfg, world_size: int) -> int:
                 f"truncation {cfg.distill.truncation or header.truncation['name']}"
             )
     elif cfg.distill.enabled:
-        from megatron_pd.models.teacher import resolve_teacher_source, teacher_model_config
+        from megatron_pd.models.teacher import TeacherSource
 
         teacher = cfg.distill.teacher
-        checkpoint, run_config = resolve_teacher_source(teacher.load)
-        shape = teacher_model_config(teacher, run_config)
+        source = TeacherSource(teacher.load)
+        shape = source.model_config(teacher, cfg.model.vocab_size, cfg.data.seq_length)
         print(describe_layout(Layout(world_size, teacher.tp, teacher.pp), "teacher"))
         print(
-            f"teacher checkpoint {checkpoint}: {shape.num_layers} layers, hidden "
+            f"teacher {source.kind} checkpoint {source.checkpoint}: {shape.num_layers} layers, "
+            f"hidden "
             f"{shape.hidden_size}; loss {cfg.distill.loss}, exchange "
             f"{cfg.distill.exchange_mode}, truncation {cfg.distill.truncation or 'none'}"
         )
     vocab = cfg.model.vocab_size
     if cfg.data.tokenizer_model and os.path.exists(cfg.data.tokenizer_model):
-        tokenizer = load_tokenizer(cfg)
-        vocab = resolve_vocab_size(cfg, tokenizer)
+        tokenizer = load_tokenizer(cfg.data.tokenizer_model)
+        vocab = resolve_vocab_size(cfg.model, tokenizer)
         if cfg.data.blend:
             infos = check_data(cfg.data.blend, tokenizer)
             for info in infos:
@@ -114,7 +96,7 @@ def dry_run(cfg, world_size: int) -> int:
     elif cfg.data.tokenizer_model:
         raise ValueError(f"data.tokenizer_model {cfg.data.tokenizer_model} does not exist")
     if vocab:
-        padded = padded_vocab_size(vocab, cfg.model.make_vocab_size_divisible_by, cfg.parallel.tp)
+        padded = model_padded_vocab(cfg.model, vocab, cfg.parallel.tp)
         counts = count_parameters(cfg.model, padded)
         flops = train_flops_per_token(cfg.model, padded, cfg.data.seq_length)
         print(
@@ -137,10 +119,11 @@ def dry_run(cfg, world_size: int) -> int:
 def validate(cfg, world_size: int):
     """Every check that needs no process group; returns (tokenizer, true vocab size, dp)."""
     from megatron_pd.data.datasets import check_data
+    from megatron_pd.data.tokenizer import load_tokenizer, resolve_vocab_size
 
     dp = cfg.validate_for_world(world_size)
-    tokenizer = load_tokenizer(cfg)
-    vocab_size = resolve_vocab_size(cfg, tokenizer)
+    tokenizer = load_tokenizer(cfg.data.tokenizer_model)
+    vocab_size = resolve_vocab_size(cfg.model, tokenizer)
     check_data(cfg.data.blend, tokenizer)
     return tokenizer, vocab_size, dp
 

@@ -45,23 +45,22 @@ def _teacher(run_dir: str):
     import torch.distributed as dist
 
     from megatron_pd.config.loader import load_config
-    from megatron_pd.models.teacher import (
-        FrozenTeacher,
-        checkpoint_padded_vocab,
-        resolve_teacher_source,
-    )
+    from megatron_pd.config.schema import TeacherConfig
+    from megatron_pd.data.tokenizer import load_tokenizer
+    from megatron_pd.models.teacher import TeacherSource, open_teacher
     from megatron_pd.parallel import topology
-    from megatron_pd.parallel.vocab import VocabInfo
 
-    checkpoint, config_path = resolve_teacher_source(run_dir)
-    run_cfg = load_config(config_path)
+    run_cfg = load_config(TeacherSource(run_dir).run_config)
     groups = topology.init_student_groups(1, 1)
-    from megatron_pd.data.tokenizer import Tokenizer
-
-    tokenizer = Tokenizer(run_cfg.data.tokenizer_model)
-    vocab = VocabInfo(tokenizer.vocab_size, checkpoint_padded_vocab(checkpoint), 1, 0)
-    teacher = FrozenTeacher(run_cfg.model, vocab, groups, torch.float32, run_cfg.data.seq_length)
-    teacher.load(checkpoint)
+    tokenizer = load_tokenizer(run_cfg.data.tokenizer_model)
+    teacher, _ = open_teacher(
+        TeacherConfig(load=run_dir, precision="fp32"),
+        groups,
+        tokenizer.vocab_size,
+        tokenizer.fingerprint,
+        run_cfg.data.seq_length,
+        0,
+    )
     return teacher, run_cfg, tokenizer, dist.group.WORLD
 
 
@@ -246,11 +245,12 @@ def _step_times(args, run_cfg) -> None:
     from megatron_pd.data.datasets import GlobalBatchSampler, SampleIds, build_splits
     from megatron_pd.data.datasets import microbatches as make_microbatches
     from megatron_pd.data.preprocess import preprocess
+    from megatron_pd.data.tokenizer import load_tokenizer
     from megatron_pd.engine.distill_module import DistillTrainModule
     from megatron_pd.engine.train_module import TrainModule
     from megatron_pd.logits.dump import dump_teacher_logits
     from megatron_pd.parallel import topology
-    from megatron_pd.train import _absolute_paths, load_tokenizer
+    from megatron_pd.train import _absolute_paths
 
     with tempfile.TemporaryDirectory() as tmp:
         prefix = os.path.join(tmp, "small_text_document")
@@ -280,7 +280,7 @@ def _step_times(args, run_cfg) -> None:
         lm_cfg = load_config(config, base + ["--distill.teacher.load=null"])
         pd_cfg = load_config(config, base + [f"--distill.store={tmp}/store"])
         groups = topology.init_student_groups(1, 1)
-        tokenizer = load_tokenizer(lm_cfg)
+        tokenizer = load_tokenizer(lm_cfg.data.tokenizer_model)
         gbs = lm_cfg.train.global_batch_size
         splits = build_splits(
             lm_cfg.data, tokenizer, ((args.steps + 2) * gbs, 0, 0), f"{tmp}/cache"

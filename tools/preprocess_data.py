@@ -1,4 +1,4 @@
-"""Tokenize jsonl/text files or directories into megatron .bin/.idx (EOD appended per doc).
+"""Tokenize jsonl/text files or directories into megatron .bin/.idx (BOS/EOD as the tokenizer says).
 
 Example:
     python tools/preprocess_data.py --input data/docs.jsonl --tokenizer-model data/tok.model \
@@ -23,7 +23,11 @@ def main(argv=None) -> int:
     source.add_argument("--input", nargs="+", help="text/jsonl files or directories")
     source.add_argument("--stdlib", action="store_true", help="the Python stdlib source corpus")
     parser.add_argument("--pattern", help="filename filter inside directories, e.g. '*.jsonl'")
-    parser.add_argument("--tokenizer-model", required=True, help="SentencePiece .model")
+    parser.add_argument(
+        "--tokenizer-model",
+        required=True,
+        help="SentencePiece .model, HF tokenizer.json or an HF model/tokenizer directory",
+    )
     parser.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
     parser.add_argument("--json-key", default="text", help="document field of jsonl inputs")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)

@@ -50,6 +50,7 @@ MODEL_PRESETS: dict = {
         tie_embeddings=False,
         add_qkv_bias=True,
         rotary_percent=0.5,
+        rotary_interleaved=True,
         norm_epsilon=1.5625e-07,
         max_position_embeddings=8192,
     ),

@@ -73,6 +73,26 @@ class ModelConfig:
     """RoPE base (theta)."""
     rotary_percent: float = 1.0
     """Fraction of each head's dimensions rotated by RoPE (GLM-4 rotates half)."""
+    rotary_interleaved: bool = False
+    """RoPE rotates interleaved pairs of dimensions (0,1), (2,3), ... (GLM-4) instead of the
+    two halves of the rotated dimensions (Llama, Qwen, Mistral)."""
+    rope_scaling: str = "none"
+    """none, or llama3 (Llama-3.1/3.2 frequency scaling, with the rope_* fields below)."""
+    rope_scaling_factor: float = 8.0
+    """llama3 RoPE scaling: factor (8 in Llama-3.1, 32 in Llama-3.2)."""
+    rope_low_freq_factor: float = 1.0
+    """llama3 RoPE scaling: low_freq_factor."""
+    rope_high_freq_factor: float = 4.0
+    """llama3 RoPE scaling: high_freq_factor."""
+    rope_original_max_positions: int = 8192
+    """llama3 RoPE scaling: original_max_position_embeddings."""
+    qk_layernorm: bool = False
+    """Normalise each query and key head (model.normalization over the head dimension) before
+    RoPE (Qwen3)."""
+    padded_vocab_size: Optional[int] = None
+    """Rows of the embedding and output layer when a checkpoint fixes them (an imported Hugging
+    Face model's vocab_size, e.g. 152,064 for a 151,665-token tokenizer); None pads the true
+    vocabulary to a multiple of make_vocab_size_divisible_by * tp."""
     add_bias_linear: bool = False
     """Biases in all linear layers."""
     add_qkv_bias: bool = False
@@ -114,6 +134,25 @@ class ModelConfig:
         _choice("model.transformer_impl", self.transformer_impl, TRANSFORMER_IMPLS)
         if not 0.0 < self.rotary_percent <= 1.0:
             _fail("model.rotary_percent", self.rotary_percent, "must be in (0, 1]")
+        _choice("model.rope_scaling", self.rope_scaling, ("none", "llama3"))
+        if self.rope_scaling == "llama3":
+            _positive("model.rope_scaling_factor", self.rope_scaling_factor)
+            _positive("model.rope_original_max_positions", self.rope_original_max_positions)
+            if not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
+                _fail(
+                    "model.rope_low_freq_factor",
+                    self.rope_low_freq_factor,
+                    "must be > 0 and below model.rope_high_freq_factor="
+                    f"{self.rope_high_freq_factor}",
+                )
+        if self.padded_vocab_size is not None:
+            _positive("model.padded_vocab_size", self.padded_vocab_size)
+            if self.vocab_size is not None and self.padded_vocab_size < self.vocab_size:
+                _fail(
+                    "model.padded_vocab_size",
+                    self.padded_vocab_size,
+                    f"is smaller than model.vocab_size={self.vocab_size}",
+                )
         for name in ("attention_dropout", "hidden_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 _fail(f"model.{name}", getattr(self, name), "must be in [0, 1)")
@@ -569,6 +608,12 @@ class Config:
                 "parallel.tp",
                 parallel.tp,
                 f"must divide model.ffn_hidden_size={model.ffn_hidden_size}",
+            )
+        if model.padded_vocab_size is not None and model.padded_vocab_size % parallel.tp:
+            _fail(
+                "parallel.tp",
+                parallel.tp,
+                f"must divide model.padded_vocab_size={model.padded_vocab_size}",
             )
         if model.num_layers % parallel.pp:
             _fail(

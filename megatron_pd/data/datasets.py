@@ -130,7 +130,7 @@ def check_data(blend: list, tokenizer) -> list:
                 raise ValueError(
                     f"data prefix {prefix} was tokenized with tokenizer {made_with} "
                     f"({meta.get('tokenizer_model')}), not data.tokenizer_model "
-                    f"{tokenizer.model_path} ({tokenizer.fingerprint})"
+                    f"{tokenizer.path} ({tokenizer.fingerprint})"
                 )
         if tokenizer.vocab_size > 65536 and info.dtype_code == 8:
             raise ValueError(f"{prefix}.idx stores uint16 tokens but the vocabulary is larger")

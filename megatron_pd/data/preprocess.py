@@ -1,10 +1,13 @@
 """Tokenize documents into megatron-core's indexed format (.bin tokens + .idx index).
 
 Documents: each line of a ``.jsonl``/``.json`` file (the ``json_key`` string), or each whole
-text file (source code, prose). Every document gets the tokenizer's end-of-document id
-appended. Tokenization runs in a process pool; results are written in input order, so the
-output is identical for any number of workers. Files are written under temporary names and
-renamed when complete: an interrupted run leaves no half-written prefix behind.
+text file (source code, prose). Every document becomes ``tokenizer.encode_document(text)``:
+the tokenizer's own special-token template (BOS where it adds one) and its end-of-document id
+(data/tokenizer.py). ``<prefix>.meta.json`` records the tokenizer (kind, path, fingerprint,
+EOD, BOS, template), the inputs and the counts. Tokenization runs in a process pool; results
+are written in input order, so the output is identical for any number of workers. Files are
+written under temporary names and renamed when complete: an interrupted run leaves no
+half-written prefix behind.
 """
 
 from __future__ import annotations
@@ -64,17 +67,15 @@ def count_documents(paths: list) -> int:
     return total
 
 
-def _init_worker(model_path: str) -> None:
+def _init_worker(tokenizer_path: str) -> None:
     global _worker_tokenizer
-    from megatron_pd.data.tokenizer import Tokenizer
+    from megatron_pd.data.tokenizer import load_tokenizer
 
-    _worker_tokenizer = Tokenizer(model_path)
+    _worker_tokenizer = load_tokenizer(tokenizer_path)
 
 
 def _encode(text: str) -> list:
-    ids = _worker_tokenizer.tokenize(text)
-    ids.append(_worker_tokenizer.eod)
-    return ids
+    return _worker_tokenizer.encode_document(text)
 
 
 class _Progress:
@@ -102,17 +103,23 @@ class _Progress:
         self.stream.flush()
 
 
-def _write_meta(prefix: str, tokenizer, documents: int, tokens: int, num_inputs: int) -> None:
+def _write_meta(
+    prefix: str, tokenizer, documents: int, tokens: int, num_inputs: int, json_key: str, skipped
+) -> None:
     from megatron_pd.data.datasets import meta_path
 
     meta = {
-        "tokenizer_model": tokenizer.model_path,
+        "tokenizer_model": tokenizer.path,
         "tokenizer_fingerprint": tokenizer.fingerprint,
+        "tokenizer": tokenizer.describe(),
         "vocab_size": tokenizer.vocab_size,
         "eod": tokenizer.eod,
+        "bos": tokenizer.bos,
         "documents": documents,
         "tokens": tokens,
         "input_files": num_inputs,
+        "json_key": json_key,
+        "empty_documents_skipped": skipped,
     }
     tmp = meta_path(prefix) + ".tmp"
     with open(tmp, "w") as f:
@@ -132,11 +139,11 @@ def preprocess(
     """Tokenize ``input_paths`` into ``<output_prefix>.bin/.idx``; returns counts and time."""
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
-    from megatron_pd.data.tokenizer import Tokenizer
+    from megatron_pd.data.tokenizer import load_tokenizer
 
     if workers < 1:
         raise ValueError(f"workers={workers}: must be >= 1")
-    tokenizer = Tokenizer(tokenizer_model)
+    tokenizer = load_tokenizer(tokenizer_model)
     dtype = DType.optimal_dtype(tokenizer.vocab_size)
     out_dir = os.path.dirname(os.path.abspath(output_prefix))
     os.makedirs(out_dir, exist_ok=True)
@@ -146,19 +153,20 @@ def preprocess(
     documents = tokens = skipped = 0
     start = time.monotonic()
     builder = IndexedDatasetBuilder(bin_tmp, dtype=dtype)
+    empty_length = len(tokenizer.encode_document(""))
     try:
         texts = _iter_documents(input_paths, json_key)
         if workers == 1:
-            _init_worker(tokenizer.model_path)
+            _init_worker(tokenizer.path)
             encoded = map(_encode, texts)
             pool = None
         else:
             ctx = multiprocessing.get_context("spawn")
-            pool = ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer.model_path,))
+            pool = ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer.path,))
             encoded = pool.imap(_encode, texts, chunksize=chunksize)
         try:
             for ids in encoded:
-                if len(ids) <= 1:  # an empty document is only its EOD
+                if len(ids) <= empty_length:  # no text: only the template and EOD
                     skipped += 1
                     continue
                 builder.add_document(numpy.asarray(ids, dtype=dtype), [len(ids)])
@@ -183,7 +191,7 @@ def preprocess(
         raise ValueError(f"no non-empty documents in {len(input_paths)} input file(s)")
     os.replace(bin_tmp, output_prefix + ".bin")
     os.replace(idx_tmp, output_prefix + ".idx")
-    _write_meta(output_prefix, tokenizer, documents, tokens, len(input_paths))
+    _write_meta(output_prefix, tokenizer, documents, tokens, len(input_paths), json_key, skipped)
     if meter:
         meter.update(documents + skipped, tokens, final=True)
     return PreprocessStats(documents, tokens, time.monotonic() - start, skipped)

@@ -24,17 +24,11 @@ import time
 import torch
 import torch.distributed as dist
 
-from megatron_pd.engine.train_module import StepResult, TrainModule, resolve_precision
+from megatron_pd.engine.train_module import StepResult, TrainModule
 from megatron_pd.logits.truncation import TruncationSpec, truncate_vocab_parallel
 from megatron_pd.loss.objective import distillation_loss
 from megatron_pd.loss.spec import DenseTeacher, LossSpec, SparseTeacher
-from megatron_pd.models.teacher import (
-    FrozenTeacher,
-    checkpoint_padded_vocab,
-    checkpoint_trainer_state,
-    resolve_teacher_source,
-    teacher_model_config,
-)
+from megatron_pd.models.teacher import open_teacher
 from megatron_pd.parallel import topology
 from megatron_pd.parallel.exchange import (
     ExchangePlan,
@@ -43,7 +37,6 @@ from megatron_pd.parallel.exchange import (
     gather_union_tokens,
 )
 from megatron_pd.parallel.topology import Layout
-from megatron_pd.parallel.vocab import VocabInfo
 
 
 class DistillTrainModule(TrainModule):
@@ -83,30 +76,18 @@ class DistillTrainModule(TrainModule):
         """A frozen teacher in this job, with its own layout, and the exchange plan."""
         world = dist.get_world_size()
         cfg = self.cfg
-        checkpoint, run_config = resolve_teacher_source(distill.teacher.load)
-        self.teacher_checkpoint = checkpoint
-        teacher_cfg = teacher_model_config(distill.teacher, run_config)
-        _check_teacher_vocab(teacher_cfg, checkpoint, true_vocab_size, tokenizer_fingerprint)
         teacher_layout = Layout(world, distill.teacher.tp, distill.teacher.pp)
         self.teacher_groups = topology.new_model_groups(teacher_layout)
-        padded = checkpoint_padded_vocab(checkpoint)
-        if padded % distill.teacher.tp or padded < true_vocab_size:
-            raise ValueError(
-                f"teacher checkpoint {checkpoint} has a vocabulary of {padded} rows: not "
-                f"divisible by distill.teacher.tp={distill.teacher.tp} or smaller than the "
-                f"tokenizer's {true_vocab_size}"
-            )
-        teacher_vocab = VocabInfo(
-            true_vocab_size, padded, distill.teacher.tp, dist.get_rank(self.teacher_groups.tp)
-        )
-        self.teacher = FrozenTeacher(
-            teacher_cfg,
-            teacher_vocab,
+        self.teacher, source = open_teacher(
+            distill.teacher,
             self.teacher_groups,
-            resolve_precision(distill.teacher.precision),
-            max_sequence_length=teacher_cfg.max_position_embeddings or cfg.data.seq_length,
+            true_vocab_size,
+            tokenizer_fingerprint,
+            cfg.data.seq_length,
+            dist.get_rank(self.teacher_groups.tp),
         )
-        self.teacher.load(checkpoint)
+        self.teacher_checkpoint = source.checkpoint
+        padded = self.teacher.vocab.padded_size
         self.plan = ExchangePlan(
             world,
             Layout(world, cfg.parallel.tp, cfg.parallel.pp),
@@ -401,21 +382,3 @@ class DistillTrainModule(TrainModule):
                 totals += torch.stack([out[0].double(), out[1].double()])
         dist.all_reduce(totals)
         return {"loss": (totals[0] / totals[1].clamp_min(1)).item(), "tokens": totals[1].item()}
-
-
-def _check_teacher_vocab(
-    teacher_cfg, checkpoint: str, true_vocab: int, tokenizer_fingerprint: str | None
-) -> None:
-    """Teacher and student must share the tokenizer (paddings may differ)."""
-    if teacher_cfg.vocab_size is not None and teacher_cfg.vocab_size != true_vocab:
-        raise ValueError(
-            f"teacher model.vocab_size={teacher_cfg.vocab_size} differs from the "
-            f"student's vocabulary ({true_vocab}): they must share a tokenizer"
-        )
-    state = checkpoint_trainer_state(checkpoint)
-    recorded = state.get("tokenizer_fingerprint")
-    if tokenizer_fingerprint and recorded and recorded != tokenizer_fingerprint:
-        raise ValueError(
-            f"teacher checkpoint {checkpoint} was trained with tokenizer "
-            f"{recorded}, the student uses {tokenizer_fingerprint}"
-        )

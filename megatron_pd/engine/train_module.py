@@ -21,7 +21,7 @@ from megatron_pd.config.schema import Config
 from megatron_pd.loss.objective import distillation_loss, resolve_implementation
 from megatron_pd.loss.spec import LossSpec
 from megatron_pd.models.gpt import build_gpt_model, causal_attention_mask, seed_rngs
-from megatron_pd.parallel.vocab import VocabInfo, padded_vocab_size
+from megatron_pd.parallel.vocab import VocabInfo, model_padded_vocab
 
 _LM_ONLY = LossSpec(alpha=0.0)  # plain next-token cross-entropy over the true vocabulary
 
@@ -74,9 +74,7 @@ class TrainModule:
         )
         self.vocab = VocabInfo(
             true_size=true_vocab_size,
-            padded_size=padded_vocab_size(
-                true_vocab_size, cfg.model.make_vocab_size_divisible_by, self.tp_size
-            ),
+            padded_size=model_padded_vocab(cfg.model, true_vocab_size, self.tp_size),
             tp_size=self.tp_size,
             tp_rank=dist.get_rank(groups.tp),
         )
@@ -165,8 +163,8 @@ class TrainModule:
         from dataclasses import asdict
 
         from megatron_pd.logits import store_format as F
-        from megatron_pd.logits.dump import dataset_header, truncation_header
         from megatron_pd.logits.record import LogitRecorder
+        from megatron_pd.logits.store_format import dataset_header, truncation_header
         from megatron_pd.logits.truncation import TruncationSpec
 
         spec = TruncationSpec.parse(self.cfg.train.record_truncation)

@@ -23,45 +23,10 @@ import torch.distributed as dist
 
 from megatron_pd.logits import store_format as F
 from megatron_pd.logits.store import StoreWriter, compare_headers
+from megatron_pd.logits.store_format import dataset_header, expected_fields, truncation_header
 from megatron_pd.logits.truncation import TruncationSpec, truncate_vocab_parallel
 
 SPLITS = ("train", "valid")
-
-
-def dataset_header(ids, split_name: str, data_cfg) -> dict:
-    """The dataset part of a store header (what defines each sample)."""
-    return {
-        "fingerprint": ids.fingerprint(),
-        "prefixes": [os.path.basename(c.dataset_path) for c in ids.components],
-        "seq_length": data_cfg.seq_length,
-        "split": data_cfg.split,
-        "seed": data_cfg.seed,
-        "split_name": split_name,
-        "num_samples": ids.total,
-    }
-
-
-def truncation_header(spec: TruncationSpec) -> dict:
-    return {
-        "name": spec.name,
-        "top_p": spec.top_p,
-        "top_k": spec.top_k,
-        "min_k": spec.min_k,
-        "slots": spec.slots,
-        # top-p-inf keeps at most k_cap entries (the slots); recorded so a reader knows
-        "k_cap": spec.k_cap if spec.top_k is None else None,
-    }
-
-
-def expected_fields(header: F.StoreHeader) -> dict:
-    """The header fields a resumed dump (or a student) must agree with."""
-    return {
-        "vocab_size": header.vocab_size,
-        "tokenizer_fingerprint": header.tokenizer_fingerprint,
-        "dataset": {k: header.dataset[k] for k in ("fingerprint", "seq_length", "split_name")},
-        "truncation": header.truncation,
-        "encoding": header.encoding,
-    }
 
 
 def kl_fidelity(exact_logp: np.ndarray, decoded_logp: np.ndarray, valid: np.ndarray) -> float:
@@ -113,16 +78,9 @@ def dump_teacher_logits(
 ) -> dict:
     """Write ``store_dir/<split>/`` for each split; returns the summary (on every rank)."""
     from megatron_pd.data.datasets import SampleIds, build_splits
-    from megatron_pd.models.teacher import (
-        FrozenTeacher,
-        checkpoint_padded_vocab,
-        checkpoint_trainer_state,
-        resolve_teacher_source,
-        teacher_model_config,
-    )
+    from megatron_pd.data.tokenizer import load_tokenizer, resolve_vocab_size
+    from megatron_pd.models.teacher import open_teacher
     from megatron_pd.parallel import topology
-    from megatron_pd.parallel.vocab import VocabInfo
-    from megatron_pd.train import load_tokenizer, resolve_vocab_size
 
     distill = cfg.distill
     if distill.teacher.load is None:
@@ -136,23 +94,14 @@ def dump_teacher_logits(
     world = dist.get_world_size()
     rank = dist.get_rank()
     cfg.validate_for_world(world)
-    tokenizer = load_tokenizer(cfg)
-    vocab_size = resolve_vocab_size(cfg, tokenizer)
-    checkpoint, run_config = resolve_teacher_source(distill.teacher.load)
-    teacher_cfg = teacher_model_config(distill.teacher, run_config)
+    tokenizer = load_tokenizer(cfg.data.tokenizer_model)
+    vocab_size = resolve_vocab_size(cfg.model, tokenizer)
     groups = topology.init_student_groups(distill.teacher.tp, distill.teacher.pp)
-    padded = checkpoint_padded_vocab(checkpoint)
     tp_rank = dist.get_rank(groups.tp)
-    from megatron_pd.engine.train_module import resolve_precision
-
-    teacher = FrozenTeacher(
-        teacher_cfg,
-        VocabInfo(vocab_size, padded, distill.teacher.tp, tp_rank),
-        groups,
-        resolve_precision(distill.teacher.precision),
-        max_sequence_length=cfg.data.seq_length,
+    teacher, source = open_teacher(
+        distill.teacher, groups, vocab_size, tokenizer.fingerprint, cfg.data.seq_length, tp_rank
     )
-    teacher.load(checkpoint)
+    teacher_cfg, checkpoint = teacher.cfg, source.checkpoint
     spec = TruncationSpec.parse(distill.truncation, distill.min_k, distill.k_cap)
     gbs, total_steps = cfg.train.global_batch_size, cfg.total_steps()
     eval_samples = cfg.train.eval_batches * gbs if cfg.train.eval_interval else 0
@@ -165,7 +114,7 @@ def dump_teacher_logits(
     dp_rank, dp_size = dist.get_rank(groups.dp), dist.get_world_size(groups.dp)
     is_writer = teacher.is_last_stage and tp_rank == 0
     batch = batch_size or cfg.train.micro_batch_size
-    teacher_state = checkpoint_trainer_state(checkpoint)
+    teacher_state = source.trainer_state()
     summary = {}
     for split_name in splits:
         dataset = getattr(built, split_name)

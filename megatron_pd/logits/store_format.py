@@ -129,6 +129,44 @@ def write_atomic(path: str, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+# ------------------------------------------------------------------------------ header parts
+def dataset_header(ids, split_name: str, data_cfg) -> dict:
+    """The dataset part of a store header (what defines each sample)."""
+    return {
+        "fingerprint": ids.fingerprint(),
+        "prefixes": [os.path.basename(c.dataset_path) for c in ids.components],
+        "seq_length": data_cfg.seq_length,
+        "split": data_cfg.split,
+        "seed": data_cfg.seed,
+        "split_name": split_name,
+        "num_samples": ids.total,
+    }
+
+
+def truncation_header(spec) -> dict:
+    """The truncation part of a store header (a logits.truncation.TruncationSpec)."""
+    return {
+        "name": spec.name,
+        "top_p": spec.top_p,
+        "top_k": spec.top_k,
+        "min_k": spec.min_k,
+        "slots": spec.slots,
+        # top-p-inf keeps at most k_cap entries (the slots); recorded so a reader knows
+        "k_cap": spec.k_cap if spec.top_k is None else None,
+    }
+
+
+def expected_fields(header: StoreHeader) -> dict:
+    """The header fields a resumed dump (or a student) must agree with."""
+    return {
+        "vocab_size": header.vocab_size,
+        "tokenizer_fingerprint": header.tokenizer_fingerprint,
+        "dataset": {k: header.dataset[k] for k in ("fingerprint", "seq_length", "split_name")},
+        "truncation": header.truncation,
+        "encoding": header.encoding,
+    }
+
+
 # ------------------------------------------------------------------------------ sample blocks
 def id_bytes_for(vocab_size: int) -> int:
     """Bytes per stored id gap: ceil(log2 V) bits rounded up to whole bytes (no vocab cap)."""

@@ -10,6 +10,8 @@ Shape legend: B batch, S sequence, V padded vocab, v this rank's vocab shard.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 
@@ -64,6 +66,8 @@ def build_transformer_config(
         gated_linear_unit=activation[1],
         add_bias_linear=model.add_bias_linear,
         add_qkv_bias=model.add_qkv_bias,
+        qk_layernorm=model.qk_layernorm,
+        rotary_interleaved=model.rotary_interleaved,
         init_method_std=model.init_method_std,
         attention_dropout=model.attention_dropout,
         hidden_dropout=model.hidden_dropout,
@@ -97,8 +101,28 @@ def layer_spec(model: ModelConfig):
     from megatron.core.models.gpt import gpt_layer_specs
 
     if resolve_transformer_impl(model.transformer_impl) == "transformer_engine":
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    return gpt_layer_specs.get_gpt_layer_local_spec(normalization=model.normalization)
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+            qk_layernorm=model.qk_layernorm
+        )
+    return gpt_layer_specs.get_gpt_layer_local_spec(
+        normalization=model.normalization, qk_layernorm=model.qk_layernorm
+    )
+
+
+def llama3_inv_freq(inv_freq: torch.Tensor, model: ModelConfig) -> torch.Tensor:
+    """Llama-3.1/3.2 RoPE frequencies: wavelengths longer than original / low_freq_factor are
+    slowed by ``factor``, shorter than original / high_freq_factor kept, and the band between
+    interpolated linearly in original / wavelength (the published Llama-3.1 rule)."""
+    original = float(model.rope_original_max_positions)
+    low, high = model.rope_low_freq_factor, model.rope_high_freq_factor
+    wavelength = 2 * math.pi / inv_freq
+    smooth = (original / wavelength - low) / (high - low)
+    blended = (1 - smooth) * inv_freq / model.rope_scaling_factor + smooth * inv_freq
+    scaled = torch.where(
+        wavelength > original / low, inv_freq / model.rope_scaling_factor, inv_freq
+    )
+    band = (wavelength <= original / low) & (wavelength >= original / high)
+    return torch.where(band, blended, scaled)
 
 
 def build_gpt_model(
@@ -136,6 +160,11 @@ def build_gpt_model(
         rotary_base=model.rotary_base,
         pg_collection=pg_collection,
     )
+    if model.rope_scaling == "llama3" and model.position_embedding == "rope":
+        # megatron-core's own llama3 scaling fixes low/high factors and the original length;
+        # real configs may differ, so the frequencies are set here (before any forward)
+        rope = gpt.rotary_pos_emb
+        rope.inv_freq = llama3_inv_freq(rope.inv_freq, model)
     device = (
         torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
     )

@@ -2,11 +2,12 @@
 
 Frozen by construction: every parameter has ``requires_grad=False``, the module is in eval
 mode, it is never wrapped in DDP nor given to an optimizer, its forward runs under
-``torch.no_grad()``, and it is not part of the student's checkpoint. Loading resolves a
-megatron_pd run directory / checkpoint root / iter directory, takes the teacher's shape from
-the run's config.yaml unless given, reshards any TP/PP checkpoint to the teacher's layout
-(dist_checkpointing), and refuses a teacher whose weights did not all load: parameters are
-filled with NaN first and checked after.
+``torch.no_grad()``, and it is not part of the student's checkpoint. ``TeacherSource``
+resolves a megatron_pd run directory / checkpoint root / iter directory (shape from the run's
+config.yaml unless given; any TP/PP checkpoint resharded to the teacher's layout by
+dist_checkpointing) or a Hugging Face model directory (shape from config.json; each rank reads
+only its own slices of the safetensors, models/hf_weights.py). A teacher whose weights did not
+all load is refused: parameters are filled with NaN first and checked after.
 
 Shape legend: B batch, S sequence, v this rank's vocab shard of the teacher.
 """
@@ -24,65 +25,170 @@ from megatron_pd.models.init import sharding_metadata
 from megatron_pd.parallel.vocab import VocabInfo
 
 
-def resolve_teacher_source(path: str) -> tuple:
-    """(checkpoint iter directory, run config.yaml or None) for a user-given teacher path."""
-    from megatron_pd.models.checkpoint import latest_checkpoint
+class TeacherSource:
+    """Where a teacher's weights come from: a megatron_pd checkpoint or an HF model directory.
 
-    if not os.path.exists(path):
-        raise ValueError(f"distill.teacher.load={path}: does not exist")
-    if os.path.isfile(os.path.join(path, "config.yaml")):  # a run directory
-        root = os.path.join(path, "checkpoints")
-        checkpoint = latest_checkpoint(root) if os.path.isdir(root) else None
-        if checkpoint is None:
-            raise ValueError(
-                f"distill.teacher.load={path}: run directory has no checkpoint under {root}"
+    ``path`` is what the user gave: a megatron_pd run directory, a checkpoint root (with a
+    "latest" file), one iter_NNNNNNN directory, or a Hugging Face model directory (config.json
+    and safetensors; loaded directly, no conversion step).
+    """
+
+    def __init__(self, path: str):
+        from megatron_pd.models.checkpoint import latest_checkpoint
+        from megatron_pd.models.hf_config import is_hf_model_dir
+
+        self.path, self.run_config, self.kind = path, None, "megatron"
+        if not os.path.exists(path):
+            raise ValueError(f"distill.teacher.load={path}: does not exist")
+        if os.path.isfile(os.path.join(path, "config.yaml")):  # a run directory
+            root = os.path.join(path, "checkpoints")
+            checkpoint = latest_checkpoint(root) if os.path.isdir(root) else None
+            if checkpoint is None:
+                raise ValueError(
+                    f"distill.teacher.load={path}: run directory has no checkpoint under {root}"
+                )
+            self.checkpoint, self.run_config = checkpoint, os.path.join(path, "config.yaml")
+        elif os.path.isfile(os.path.join(path, "latest")):  # a checkpoint root
+            config = os.path.join(os.path.dirname(os.path.abspath(path)), "config.yaml")
+            self.checkpoint = latest_checkpoint(path)
+            self.run_config = config if os.path.isfile(config) else None
+        elif os.path.isfile(os.path.join(path, "metadata.json")):  # one checkpoint directory
+            config = os.path.join(
+                os.path.dirname(os.path.dirname(os.path.abspath(path))), "config.yaml"
             )
-        return checkpoint, os.path.join(path, "config.yaml")
-    if os.path.isfile(os.path.join(path, "latest")):  # a checkpoint root
-        config = os.path.join(os.path.dirname(os.path.abspath(path)), "config.yaml")
-        return latest_checkpoint(path), config if os.path.isfile(config) else None
-    if os.path.isfile(os.path.join(path, "metadata.json")):  # one checkpoint directory
-        config = os.path.join(
-            os.path.dirname(os.path.dirname(os.path.abspath(path))), "config.yaml"
-        )
-        return path, config if os.path.isfile(config) else None
-    raise ValueError(
-        f"distill.teacher.load={path}: not a megatron_pd run directory, "
-        "checkpoint root or checkpoint"
-    )
+            self.checkpoint = path
+            self.run_config = config if os.path.isfile(config) else None
+        elif is_hf_model_dir(path):
+            self.kind, self.checkpoint = "hf", path
+        else:
+            raise ValueError(
+                f"distill.teacher.load={path}: not a megatron_pd run directory, checkpoint "
+                "root, checkpoint, or Hugging Face model directory (config.json + safetensors)"
+            )
+        self._hf = None
+
+    def _hf_parts(self, model_cfg=None):
+        from megatron_pd.models.hf_config import family_of, read_hf_config
+        from megatron_pd.models.hf_weights import HFLayout, SafetensorsIndex
+
+        config = read_hf_config(self.path)
+        family = family_of(config, os.path.join(self.path, "config.json"))
+        layout = HFLayout(model_cfg, family, int(config["vocab_size"])) if model_cfg else None
+        return config, family, layout, SafetensorsIndex(self.path)
+
+    def model_config(self, teacher_cfg, true_vocab: int, seq_length: int) -> ModelConfig:
+        """The teacher's ModelConfig: its config.json (HF), given explicitly, or its run's."""
+        if self.kind == "hf":
+            from megatron_pd.models.hf_config import model_config_from_hf, read_hf_config
+
+            if teacher_cfg.model is not None:
+                raise ValueError(
+                    f"distill.teacher.model is set, but the teacher {self.path} is a Hugging "
+                    "Face model: its shape comes from its config.json (unset the field)"
+                )
+            model, _ = model_config_from_hf(
+                read_hf_config(self.path),
+                os.path.join(self.path, "config.json"),
+                seq_length=seq_length,
+                vocab_size=true_vocab,
+            )
+            return model
+        if teacher_cfg.model is not None:
+            return teacher_cfg.model
+        if self.run_config is None:
+            raise ValueError(
+                "distill.teacher.model is not set and no config.yaml was found next to "
+                f"the teacher checkpoint {teacher_cfg.load}"
+            )
+        from megatron_pd.config.loader import load_config
+
+        return load_config(self.run_config).model
+
+    def padded_vocab(self, model_cfg: ModelConfig, tp: int) -> int:
+        """The teacher embedding's rows at tensor-parallel size ``tp``."""
+        if self.kind == "hf":  # rows past the HF tensor's are zero (and not in the vocabulary)
+            rows = int(model_cfg.padded_vocab_size)
+            return -(-rows // tp) * tp
+        from megatron.core import dist_checkpointing
+
+        metadata = dist_checkpointing.load_tensors_metadata(self.checkpoint)
+        for key in ("embedding.word_embeddings.weight", "output_layer.weight"):
+            if key in metadata:
+                return int(metadata[key].global_shape[0])
+        raise ValueError(f"teacher checkpoint {self.checkpoint} holds no word embedding")
+
+    def trainer_state(self) -> dict:
+        """The trainer state (step, tokenizer fingerprint, ...) a checkpoint recorded."""
+        if self.kind == "hf":
+            return {"step": None, "tokenizer_fingerprint": self.tokenizer_fingerprint()}
+        from megatron.core import dist_checkpointing
+
+        common = dist_checkpointing.load_common_state_dict(self.checkpoint)
+        return common.get("trainer", {}) if isinstance(common, dict) else {}
+
+    def tokenizer_fingerprint(self) -> str | None:
+        if self.kind == "hf":
+            if not os.path.isfile(os.path.join(self.path, "tokenizer.json")):
+                return None
+            from megatron_pd.data.tokenizer import HFTokenizer
+
+            return HFTokenizer(self.path).fingerprint
+        return self.trainer_state().get("tokenizer_fingerprint")
+
+    def check_tokenizer(self, model_cfg, true_vocab: int, fingerprint: str | None) -> None:
+        """Teacher and student must share the tokenizer (paddings may differ)."""
+        if self.kind != "hf" and model_cfg.vocab_size not in (None, true_vocab):
+            raise ValueError(
+                f"teacher model.vocab_size={model_cfg.vocab_size} differs from the "
+                f"student's vocabulary ({true_vocab}): they must share a tokenizer"
+            )
+        recorded = self.tokenizer_fingerprint()
+        if fingerprint and recorded and recorded != fingerprint:
+            what = "ships tokenizer" if self.kind == "hf" else "was trained with tokenizer"
+            raise ValueError(
+                f"teacher {self.path} {what} {recorded}, the student's data.tokenizer_model "
+                f"is {fingerprint}: teacher, student and data must share one tokenizer"
+            )
+
+    def load_into(self, teacher: FrozenTeacher) -> None:
+        if self.kind == "hf":
+            from megatron_pd.models.hf_weights import load_hf_weights
+
+            _, _, layout, index = self._hf_parts(teacher.cfg)
+            load_hf_weights(teacher.model, index, layout)
+        else:
+            teacher.load(self.checkpoint)
+        teacher.model.requires_grad_(False)
+        teacher.model.eval()
 
 
-def teacher_model_config(teacher_cfg, run_config_path: str | None) -> ModelConfig:
-    """The teacher's ModelConfig: given explicitly, or the teacher run's own."""
-    if teacher_cfg.model is not None:
-        return teacher_cfg.model
-    if run_config_path is None:
+def open_teacher(
+    teacher_cfg, groups, true_vocab: int, tokenizer_fingerprint, seq_length: int, tp_rank: int
+):
+    """(FrozenTeacher, TeacherSource) for ``distill.teacher`` on this rank, loaded and checked.
+
+    Every check that needs no weights (shape, vocabulary, tokenizer) runs before any loading.
+    """
+    from megatron_pd.engine.train_module import resolve_precision
+
+    source = TeacherSource(teacher_cfg.load)
+    model_cfg = source.model_config(teacher_cfg, true_vocab, seq_length)
+    source.check_tokenizer(model_cfg, true_vocab, tokenizer_fingerprint)
+    padded = source.padded_vocab(model_cfg, teacher_cfg.tp)
+    if padded % teacher_cfg.tp or padded < true_vocab:
         raise ValueError(
-            "distill.teacher.model is not set and no config.yaml was found next to "
-            f"the teacher checkpoint {teacher_cfg.load}"
+            f"teacher {source.checkpoint} has a vocabulary of {padded} rows: not divisible by "
+            f"distill.teacher.tp={teacher_cfg.tp} or smaller than the tokenizer's {true_vocab}"
         )
-    from megatron_pd.config.loader import load_config
-
-    return load_config(run_config_path).model
-
-
-def checkpoint_padded_vocab(checkpoint_dir: str) -> int:
-    """Rows of the word embedding stored in a checkpoint (the padded vocabulary)."""
-    from megatron.core import dist_checkpointing
-
-    metadata = dist_checkpointing.load_tensors_metadata(checkpoint_dir)
-    for key in ("embedding.word_embeddings.weight", "output_layer.weight"):
-        if key in metadata:
-            return int(metadata[key].global_shape[0])
-    raise ValueError(f"teacher checkpoint {checkpoint_dir} holds no word embedding")
-
-
-def checkpoint_trainer_state(checkpoint_dir: str) -> dict:
-    """The trainer state (step, tokenizer fingerprint, ...) a checkpoint recorded."""
-    from megatron.core import dist_checkpointing
-
-    common = dist_checkpointing.load_common_state_dict(checkpoint_dir)
-    return common.get("trainer", {}) if isinstance(common, dict) else {}
+    teacher = FrozenTeacher(
+        model_cfg,
+        VocabInfo(true_vocab, padded, teacher_cfg.tp, tp_rank),
+        groups,
+        resolve_precision(teacher_cfg.precision),
+        max_sequence_length=max(model_cfg.max_position_embeddings or 0, seq_length),
+    )
+    source.load_into(teacher)
+    return teacher, source
 
 
 class FrozenTeacher:

@@ -37,3 +37,11 @@ def padded_vocab_size(true_size: int, divisible_by: int, tp_size: int) -> int:
     """Smallest multiple of ``divisible_by * tp_size`` that holds the true vocabulary."""
     multiple = divisible_by * tp_size
     return int(math.ceil(true_size / multiple) * multiple)
+
+
+def model_padded_vocab(model_cfg, true_size: int, tp_size: int) -> int:
+    """The embedding rows of a model: ``model.padded_vocab_size`` when a checkpoint fixed it,
+    else the true vocabulary padded to ``make_vocab_size_divisible_by * tp``."""
+    if model_cfg.padded_vocab_size is not None:
+        return int(model_cfg.padded_vocab_size)
+    return padded_vocab_size(true_size, model_cfg.make_vocab_size_divisible_by, tp_size)

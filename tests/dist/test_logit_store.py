@@ -59,15 +59,15 @@ def direct_entries(rank, world_size, teacher_run, small_corpus, sample_ids):
     from megatron_pd.data.datasets import SampleIds, build_splits
     from megatron_pd.data.tokenizer import Tokenizer
     from megatron_pd.logits.truncation import TruncationSpec, truncate_vocab_parallel
-    from megatron_pd.models.teacher import FrozenTeacher, resolve_teacher_source
+    from megatron_pd.models.teacher import FrozenTeacher, TeacherSource
     from megatron_pd.parallel import topology
     from megatron_pd.parallel.vocab import VocabInfo
 
-    checkpoint, config = resolve_teacher_source(str(teacher_run))
+    source = TeacherSource(str(teacher_run))
     groups = topology.init_student_groups(1, 1)
-    teacher = FrozenTeacher(load(config).model, VocabInfo(512, 512, 1, 0), groups,
+    teacher = FrozenTeacher(load(source.run_config).model, VocabInfo(512, 512, 1, 0), groups,
                             torch.float32, 64)
-    teacher.load(checkpoint)
+    source.load_into(teacher)
     cfg = load(None, student_args(small_corpus, "x"))
     splits = build_splits(cfg.data, Tokenizer(small_corpus["tokenizer"]), (32, 8, 0),
                           str(small_corpus["root"] / "cache"))
@@ -137,7 +137,7 @@ def offline_vs_online(rank, world_size, args, store_dir, teacher_run):
     from megatron_pd.data.datasets import GlobalBatchSampler, SampleIds, build_splits
     from megatron_pd.engine.distill_module import DistillTrainModule
     from megatron_pd.parallel import topology
-    from megatron_pd.train import load_tokenizer
+    from megatron_pd.data.tokenizer import load_tokenizer
 
     out = {}
     for mode in ("offline", "online"):
@@ -152,7 +152,7 @@ def offline_vs_online(rank, world_size, args, store_dir, teacher_run):
                                                 "--distill.alpha.value=0.8",
                                                 "--distill.tau.value=2.0"])
         groups = topology.init_student_groups(2, 1)
-        tokenizer = load_tokenizer(cfg)
+        tokenizer = load_tokenizer(cfg.data.tokenizer_model)
         splits = build_splits(cfg.data, tokenizer, (32, 8, 0),
                               str(cfg.data.cache_dir))
         ids = SampleIds(splits.train)

@@ -312,7 +312,7 @@ def test_capped_top_p_inf_warns_once_with_the_kept_mass():
 
 
 def test_store_header_names_the_cap():
-    from megatron_pd.logits.dump import truncation_header
+    from megatron_pd.logits.store_format import truncation_header
 
     header = truncation_header(TruncationSpec.parse("top-0.95-inf", k_cap=512))
     assert header["k_cap"] == 512 and header["slots"] == 512

@@ -1,0 +1,329 @@
+"""Hugging Face ``config.json`` <-> ModelConfig for the decoder families megatron_pd reads/writes.
+
+Families, each read from its config.json alone (both the older layout with ``rope_theta`` /
+``rope_scaling`` / ``partial_rotary_factor`` at the top level, as checkpoints on the hub carry,
+and transformers 5's ``rope_parameters``):
+
+| architecture       | megatron-core layout                                               |
+|--------------------|--------------------------------------------------------------------|
+| LlamaForCausalLM   | RMSNorm, SwiGLU, RoPE (llama3 scaling), GQA, tied or untied        |
+| MistralForCausalLM | as Llama; an active sliding window is an error                     |
+| Qwen2ForCausalLM   | as Llama with a QKV bias                                           |
+| Qwen3ForCausalLM   | as Llama with q/k RMSNorm per head and an explicit head_dim        |
+| GlmForCausalLM     | QKV bias, RoPE on half of each head, interleaved pairs, fused gate_up |
+
+Anything else - another architecture, a RoPE scaling type other than llama3, biases megatron's
+layers cannot hold, a non-gated or tanh-GELU MLP - is a ValueError naming the file, the field and
+the supported values. The true vocabulary comes from the tokenizer; ``vocab_size`` of
+config.json is the embedding's rows (``model.padded_vocab_size``), which may be larger
+(Qwen2.5-14B: 152,064 rows for 151,665 tokens).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+from megatron_pd.config.schema import ModelConfig
+
+CONFIG_FILE = "config.json"
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one HF architecture lays out its decoder (what the weight mapping needs)."""
+
+    architecture: str
+    model_type: str
+    qkv_bias: str  # "never", "always" or "attention_bias" (the config field decides)
+    o_proj_bias: bool  # whether attention_bias also puts a bias on o_proj
+    qk_norm: bool = False
+    fused_gate_up: bool = False  # one gate_up_proj ([gate; up]) instead of gate_proj/up_proj
+    interleaved_rope: bool = False
+
+
+FAMILIES = {
+    f.architecture: f
+    for f in (
+        Family("LlamaForCausalLM", "llama", "attention_bias", o_proj_bias=True),
+        Family("MistralForCausalLM", "mistral", "never", o_proj_bias=False),
+        Family("Qwen2ForCausalLM", "qwen2", "always", o_proj_bias=False),
+        Family("Qwen3ForCausalLM", "qwen3", "attention_bias", o_proj_bias=True, qk_norm=True),
+        Family(
+            "GlmForCausalLM",
+            "glm",
+            "attention_bias",
+            o_proj_bias=False,
+            fused_gate_up=True,
+            interleaved_rope=True,
+        ),
+    )
+}
+_BY_MODEL_TYPE = {f.model_type: f for f in FAMILIES.values()}
+# Class defaults transformers applies when a config.json leaves a field out.
+_DEFAULTS = {
+    "llama": {"attention_bias": False, "tie_word_embeddings": False, "rms_norm_eps": 1e-6},
+    "mistral": {"tie_word_embeddings": False, "rms_norm_eps": 1e-6, "sliding_window": 4096},
+    "qwen2": {"tie_word_embeddings": False, "rms_norm_eps": 1e-6},
+    "qwen3": {
+        "attention_bias": False,
+        "tie_word_embeddings": False,
+        "rms_norm_eps": 1e-6,
+        "head_dim": 128,
+    },
+    "glm": {
+        "attention_bias": True,
+        "tie_word_embeddings": False,
+        "rms_norm_eps": 1.5625e-7,
+        "head_dim": 128,
+        "partial_rotary_factor": 0.5,
+    },
+}
+_ACTIVATIONS = {"silu": "swiglu", "swish": "swiglu", "gelu": "geglu"}
+
+
+def is_hf_model_dir(path: str) -> bool:
+    """A directory with a config.json next to weights or a tokenizer (an HF model directory)."""
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, CONFIG_FILE))
+
+
+def read_hf_config(model_dir: str) -> dict:
+    path = os.path.join(model_dir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise ValueError(f"{model_dir} has no {CONFIG_FILE}: not a Hugging Face model directory")
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except ValueError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return config
+
+
+def family_of(config: dict, where: str) -> Family:
+    """The Family of a config (``architectures[0]``, else ``model_type``)."""
+    names = config.get("architectures") or []
+    name = names[0] if isinstance(names, list) and names else None
+    family = FAMILIES.get(name) if name else _BY_MODEL_TYPE.get(config.get("model_type"))
+    if family is None:
+        shown = name or config.get("model_type")
+        raise ValueError(
+            f"{where}: architectures={shown!r} is not supported; supported: {', '.join(FAMILIES)}"
+        )
+    return family
+
+
+class _Fields:
+    """config.json values with the family's defaults and errors that name the field."""
+
+    def __init__(self, config: dict, family: Family, where: str):
+        self.config, self.where = config, where
+        self.defaults = _DEFAULTS[family.model_type]
+
+    def get(self, name: str, default=None):
+        if name in self.config and self.config[name] is not None:
+            return self.config[name]
+        return self.defaults.get(name, default)
+
+    def need(self, name: str) -> int:
+        value = self.get(name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{self.where}: {name}={value!r} must be a positive integer")
+        return value
+
+    def fail(self, name: str, value, supported: str):
+        raise ValueError(f"{self.where}: {name}={value!r} is not supported; supported: {supported}")
+
+
+def _rope(fields: _Fields) -> dict:
+    """theta, scaling and partial rotary factor from either config layout."""
+    params = fields.get("rope_parameters") or {}
+    scaling = fields.get("rope_scaling") or {}
+    if not isinstance(params, dict) or not isinstance(scaling, dict):
+        fields.fail("rope_scaling", scaling or params, "a JSON object or null")
+    merged = {**params, **scaling}
+    theta = fields.get("rope_theta", merged.get("rope_theta", 10000.0))
+    kind = merged.get("rope_type", merged.get("type", "default")) or "default"
+    partial = fields.get("partial_rotary_factor", merged.get("partial_rotary_factor", 1.0))
+    out = {"rotary_base": float(theta), "rotary_percent": float(partial)}
+    if kind == "default":
+        return out
+    if kind != "llama3":
+        name = "rope_scaling" if scaling else "rope_parameters"
+        fields.fail(f"{name}.rope_type", kind, "default (none), llama3")
+    out.update(
+        rope_scaling="llama3",
+        rope_scaling_factor=float(merged.get("factor", 8.0)),
+        rope_low_freq_factor=float(merged.get("low_freq_factor", 1.0)),
+        rope_high_freq_factor=float(merged.get("high_freq_factor", 4.0)),
+        rope_original_max_positions=int(merged.get("original_max_position_embeddings", 8192)),
+    )
+    return out
+
+
+def _check_sliding_window(fields: _Fields, family: Family, seq_length: int | None) -> None:
+    window = fields.get("sliding_window")
+    if family.model_type in ("qwen2", "qwen3"):
+        types = fields.get("layer_types") or []
+        sliding = fields.get("use_sliding_window", False) or "sliding_attention" in types
+        if not sliding:
+            return
+    if window is None:
+        return
+    longest = seq_length or fields.get("max_position_embeddings")
+    if longest is None or int(window) < int(longest):
+        name = "use_sliding_window" if family.model_type.startswith("qwen") else "sliding_window"
+        raise ValueError(
+            f"{fields.where}: sliding_window={window} is active for sequences of {longest} "
+            f"tokens ({name}); megatron_pd attends to the whole causal prefix: supported only "
+            "when the window is null or at least the sequence length"
+        )
+
+
+def model_config_from_hf(
+    config: dict, where: str = CONFIG_FILE, seq_length: int | None = None, vocab_size=None
+) -> tuple:
+    """(ModelConfig, Family) of an HF config; ``vocab_size`` is the true (tokenizer's) one.
+
+    ``seq_length``, when known, decides whether a sliding window is active.
+    """
+    family = family_of(config, where)
+    fields = _Fields(config, family, where)
+    hidden, heads = fields.need("hidden_size"), fields.need("num_attention_heads")
+    groups = fields.get("num_key_value_heads") or heads
+    head_dim = fields.get("head_dim") or hidden // heads
+    act = fields.get("hidden_act", "silu")
+    if act not in _ACTIVATIONS:
+        fields.fail("hidden_act", act, ", ".join(_ACTIVATIONS))
+    attention_bias = bool(fields.get("attention_bias", False))
+    qkv_bias = family.qkv_bias == "always" or (
+        family.qkv_bias == "attention_bias" and attention_bias
+    )
+    if attention_bias and family.o_proj_bias:
+        fields.fail("attention_bias", True, "false (a bias on o_proj needs biases everywhere)")
+    if fields.get("mlp_bias", False):
+        fields.fail("mlp_bias", True, "false")
+    if fields.get("pretraining_tp", 1) not in (1, None):
+        pass  # a sliced reference matmul in transformers: the same function
+    _check_sliding_window(fields, family, seq_length)
+    rows = fields.need("vocab_size")
+    if vocab_size is not None and vocab_size > rows:
+        raise ValueError(
+            f"{where}: vocab_size={rows} rows cannot hold the tokenizer's {vocab_size} tokens"
+        )
+    rope = _rope(fields)
+    if not family.interleaved_rope and rope["rotary_percent"] != 1.0:
+        fields.fail(
+            "partial_rotary_factor", rope["rotary_percent"], f"1.0 for {family.architecture}"
+        )
+    model = ModelConfig(
+        num_layers=fields.need("num_hidden_layers"),
+        hidden_size=hidden,
+        ffn_hidden_size=fields.need("intermediate_size"),
+        num_attention_heads=heads,
+        num_query_groups=int(groups),
+        kv_channels=int(head_dim),
+        vocab_size=vocab_size if vocab_size is not None else rows,
+        padded_vocab_size=rows,
+        make_vocab_size_divisible_by=1,
+        max_position_embeddings=fields.get("max_position_embeddings"),
+        tie_embeddings=bool(fields.get("tie_word_embeddings", False)),
+        normalization="RMSNorm",
+        norm_epsilon=float(fields.get("rms_norm_eps")),
+        activation=_ACTIVATIONS[act],
+        position_embedding="rope",
+        rotary_interleaved=family.interleaved_rope,
+        add_bias_linear=False,
+        add_qkv_bias=qkv_bias,
+        qk_layernorm=family.qk_norm,
+        init_method_std=float(fields.get("initializer_range", 0.02)),
+        **rope,
+    )
+    return model, family
+
+
+def family_for_model(model: ModelConfig) -> Family:
+    """The HF architecture that expresses a ModelConfig exactly (ValueError naming the field)."""
+
+    def fail(field: str, value, why: str):
+        raise ValueError(f"model.{field}={value!r}: no Hugging Face architecture {why}")
+
+    if model.normalization != "RMSNorm":
+        fail("normalization", model.normalization, "here has it (supported: RMSNorm)")
+    if model.activation not in ("swiglu", "geglu"):
+        fail("activation", model.activation, "here has a plain MLP (supported: swiglu, geglu)")
+    if model.position_embedding != "rope":
+        fail("position_embedding", model.position_embedding, "here (supported: rope)")
+    if model.add_bias_linear:
+        fail("add_bias_linear", True, "has biases in every linear layer")
+    if model.rotary_interleaved:
+        if model.qk_layernorm:
+            fail("qk_layernorm", True, "combines it with interleaved RoPE")
+        if model.rope_scaling != "none":
+            fail("rope_scaling", model.rope_scaling, "combines it with interleaved RoPE (GLM)")
+        return FAMILIES["GlmForCausalLM"]
+    if model.rotary_percent != 1.0:
+        fail("rotary_percent", model.rotary_percent, "rotates part of a head in halves")
+    if model.qk_layernorm:
+        if model.add_qkv_bias:
+            fail("add_qkv_bias", True, "combines a QKV bias without o_proj bias with q/k norm")
+        return FAMILIES["Qwen3ForCausalLM"]
+    if model.add_qkv_bias:
+        if model.rope_scaling != "none":
+            fail("rope_scaling", model.rope_scaling, "combines it with a QKV bias (Qwen2)")
+        return FAMILIES["Qwen2ForCausalLM"]
+    return FAMILIES["LlamaForCausalLM"]
+
+
+def hf_config_for_model(
+    model: ModelConfig, rows: int, tokenizer=None, dtype: str = "bfloat16"
+) -> dict:
+    """config.json for a ModelConfig whose embedding has ``rows`` rows (older layout:
+    ``rope_theta`` / ``rope_scaling`` at the top level, which transformers 4 and 5 read)."""
+    family = family_for_model(model)
+    config = {
+        "architectures": [family.architecture],
+        "model_type": family.model_type,
+        "hidden_size": model.hidden_size,
+        "intermediate_size": model.ffn_hidden_size,
+        "num_hidden_layers": model.num_layers,
+        "num_attention_heads": model.num_attention_heads,
+        "num_key_value_heads": model.query_groups,
+        "head_dim": model.head_dim,
+        "hidden_act": "silu" if model.activation == "swiglu" else "gelu",
+        "max_position_embeddings": model.max_position_embeddings or 4096,
+        "rms_norm_eps": model.norm_epsilon,
+        "vocab_size": rows,
+        "tie_word_embeddings": model.tie_embeddings,
+        "rope_theta": float(model.rotary_base),
+        "rope_scaling": None,
+        "initializer_range": model.init_method_std,
+        "attention_dropout": 0.0,
+        "use_cache": True,
+        "torch_dtype": dtype,
+    }
+    if family.model_type in ("llama", "qwen3", "glm"):
+        config["attention_bias"] = bool(model.add_qkv_bias)
+    if family.model_type == "llama":
+        config["mlp_bias"] = False
+    if family.model_type in ("qwen2", "qwen3"):
+        config.update(use_sliding_window=False, sliding_window=None, max_window_layers=0)
+    if family.model_type == "mistral":
+        config["sliding_window"] = None
+    if family.model_type == "glm":
+        config["partial_rotary_factor"] = model.rotary_percent
+    if model.rope_scaling == "llama3":
+        config["rope_scaling"] = {
+            "rope_type": "llama3",
+            "factor": model.rope_scaling_factor,
+            "low_freq_factor": model.rope_low_freq_factor,
+            "high_freq_factor": model.rope_high_freq_factor,
+            "original_max_position_embeddings": model.rope_original_max_positions,
+        }
+    if tokenizer is not None:
+        config["eos_token_id"] = tokenizer.eod
+        config["bos_token_id"] = tokenizer.bos
+        config["pad_token_id"] = tokenizer.pad
+    return config
