@@ -33,6 +33,7 @@ def _absolute_paths(cfg) -> None:
     ]
     cfg.checkpoint.save_dir = absolute(cfg.checkpoint.save_dir)
     cfg.checkpoint.load_dir = absolute(cfg.checkpoint.load_dir)
+    cfg.checkpoint.init_from = absolute(cfg.checkpoint.init_from)
     cfg.distill.teacher.load = absolute(cfg.distill.teacher.load)
     cfg.distill.store = absolute(cfg.distill.store)
     cfg.train.record_logits = absolute(cfg.train.record_logits)
@@ -189,12 +190,17 @@ def run(cfg) -> dict:
         dist.get_rank(groups.dp),
         tokenizer.fingerprint,
     )
-    if cfg.checkpoint.resume:
-        path = latest_checkpoint(cfg.checkpoint.load_dir or save_dir)
-        if path is not None:
-            trainer.restore(load_checkpoint(module, path))
-            if rank == 0:
-                print(f"resumed from {path} at step {trainer.step}", flush=True)
+    path = latest_checkpoint(cfg.checkpoint.load_dir or save_dir) if cfg.checkpoint.resume else None
+    if path is not None:
+        trainer.restore(load_checkpoint(module, path))
+        if rank == 0:
+            print(f"resumed from {path} at step {trainer.step}", flush=True)
+    elif cfg.checkpoint.init_from:
+        from megatron_pd.models.checkpoint import init_weights
+
+        loaded = init_weights(module, cfg.checkpoint.init_from, tokenizer.fingerprint)
+        if rank == 0:
+            print(f"initialised the weights from {loaded}", flush=True)
     try:
         return trainer.fit()
     except ValueError as err:  # e.g. a damaged logits shard: only the rank reading it knows

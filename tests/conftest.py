@@ -83,3 +83,24 @@ def teacher_run(tiny_corpus, tmp_path_factory):
     )
     run_distributed(train_in_ranks, 1, args)
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def hf_models(tmp_path_factory):
+    """Tiny random HF models of every supported family (tests/_hf.py), their tokenizer, a batch
+    of tokens and transformers' fp32 logits on it."""
+    pytest.importorskip("transformers")
+    import _hf
+    import torch
+
+    root = tmp_path_factory.mktemp("hf_models")
+    tokenizer = _hf.train_tokenizer(str(root / "tokenizer"))
+    models = {}
+    for family in _hf.FAMILIES:
+        path = str(root / family)
+        _hf.build_model(family, path, tokenizer)
+        models[family] = path
+    tokens = torch.randint(0, _hf.TOKENS, (2, 40), generator=torch.Generator().manual_seed(0))
+    expected = {family: _hf.hf_logits(path, tokens) for family, path in models.items()}
+    return {"root": root, "models": models, "tokens": tokens, "expected": expected,
+            "tokenizer": tokenizer}

@@ -89,6 +89,10 @@ class ModelConfig:
     qk_layernorm: bool = False
     """Normalise each query and key head (model.normalization over the head dimension) before
     RoPE (Qwen3)."""
+    hf_architecture: Optional[str] = None
+    """The Hugging Face architecture an export writes (set by an import, so a converted
+    MistralForCausalLM exports as one); None: the one that expresses the model (Llama, Qwen2,
+    Qwen3 or GLM)."""
     padded_vocab_size: Optional[int] = None
     """Rows of the embedding and output layer when a checkpoint fixes them (an imported Hugging
     Face model's vocab_size, e.g. 152,064 for a 151,665-token tokenizer); None pads the true
@@ -543,6 +547,11 @@ class CheckpointConfig:
     """Resume from the latest checkpoint in save_dir when there is one."""
     load_dir: Optional[str] = None
     """Resume from this directory's latest checkpoint instead of save_dir's."""
+    init_from: Optional[str] = None
+    """Start a new run (no checkpoint of its own yet) from these weights - a megatron_pd run
+    directory, checkpoint root or checkpoint (e.g. a converted HF model), or a Hugging Face
+    model directory: continued pre-training or a pruned initialisation. Weights only: the
+    optimizer, step and data position start fresh. The model shape must match."""
     keep_last: int = 2
     """Keep this many newest checkpoints (older ones are deleted after a good save); 0 keeps
     all."""

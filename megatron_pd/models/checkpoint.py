@@ -287,3 +287,60 @@ def _restore_rng(state) -> None:
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
     get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def init_weights(module, source_path: str, tokenizer_fingerprint: str | None) -> str:
+    """Load only the model weights of ``module`` from ``checkpoint.init_from``; returns what was
+    loaded. A megatron checkpoint reshards to the module's layout; an HF directory is read by
+    this rank's slices. Then the optimizer's main parameters are refreshed from the model.
+    """
+    from megatron_pd.models.teacher import TeacherSource
+
+    source = TeacherSource(source_path)
+    model = _unwrap(module.model)
+    model_cfg = module.cfg.model
+    source.check_tokenizer(model_cfg, module.vocab.true_size, tokenizer_fingerprint)
+    if source.kind == "hf":
+        from megatron_pd.models.hf_config import model_config_from_hf, read_hf_config
+        from megatron_pd.models.hf_weights import HFLayout, SafetensorsIndex, load_hf_weights
+
+        hf_model, family = model_config_from_hf(
+            read_hf_config(source.path), source.path, vocab_size=module.vocab.true_size
+        )
+        theirs, ours = _shape_of(hf_model), _shape_of(model_cfg)
+        differing = [n for n in theirs if theirs[n] != ours[n]]
+        if differing:
+            raise ValueError(
+                f"checkpoint.init_from={source_path}: its config.json differs from model.* in "
+                + ", ".join(f"{n} ({theirs[n]!r} vs {ours[n]!r})" for n in differing)
+            )
+        layout = HFLayout(model_cfg, family, int(hf_model.padded_vocab_size))
+        load_hf_weights(model, SafetensorsIndex(source.path), layout)
+    else:
+        from megatron.core import dist_checkpointing
+
+        with torch.no_grad():
+            state = {"model": model.sharded_state_dict(metadata=SHARDED_METADATA)}
+            try:
+                loaded = dist_checkpointing.load(state, source.checkpoint)
+                model.load_state_dict(loaded["model"], strict=True)
+            except Exception as err:  # shape/key mismatches surface as several types
+                raise ValueError(
+                    f"checkpoint.init_from={source_path}: its weights do not fit model.* "
+                    f"({type(err).__name__}: {str(err)[:300]})"
+                ) from None
+    module.optimizer.reload_model_params()
+    return source.checkpoint
+
+
+def _shape_of(model_cfg) -> dict:
+    """What decides the weights' shapes and meaning (init_from must match all of it)."""
+    fields = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads")
+    fields += ("tie_embeddings", "add_qkv_bias", "qk_layernorm", "activation", "normalization")
+    shape = {name: getattr(model_cfg, name) for name in fields}
+    shape.update(
+        num_query_groups=model_cfg.query_groups,
+        kv_channels=model_cfg.head_dim,
+        padded_vocab_size=model_cfg.padded_vocab_size,
+    )
+    return shape

@@ -239,13 +239,27 @@ def model_config_from_hf(
         add_qkv_bias=qkv_bias,
         qk_layernorm=family.qk_norm,
         init_method_std=float(fields.get("initializer_range", 0.02)),
+        hf_architecture=family.architecture,
         **rope,
     )
     return model, family
 
 
 def family_for_model(model: ModelConfig) -> Family:
-    """The HF architecture that expresses a ModelConfig exactly (ValueError naming the field)."""
+    """The HF architecture that expresses a ModelConfig exactly (ValueError naming the field):
+    ``model.hf_architecture`` when set and able to, else the simplest one."""
+    family = _simplest_family(model)
+    wanted = model.hf_architecture
+    if wanted is None or wanted == family.architecture:
+        return family
+    if wanted == "MistralForCausalLM" and family.architecture == "LlamaForCausalLM":
+        return FAMILIES[wanted]  # Llama's layout without a sliding window
+    raise ValueError(
+        f"model.hf_architecture={wanted!r} cannot express this model; {family.architecture} does"
+    )
+
+
+def _simplest_family(model: ModelConfig) -> Family:
 
     def fail(field: str, value, why: str):
         raise ValueError(f"model.{field}={value!r}: no Hugging Face architecture {why}")

@@ -153,7 +153,8 @@ def test_missing_or_mismatched_teacher_fails_clearly(student_init_checkpoint, tm
     tokenizer = run_distributed(bad_teacher, 1, ["--distill.teacher.load="
                                                  + student_init_checkpoint,
                                                  *STUDENT_AS_TEACHER], "tok-B")[0]
-    assert "trained with tokenizer tok-A, the student uses tok-B" in tokenizer
+    assert "was trained with tokenizer tok-A, the student's data.tokenizer_model is tok-B" \
+        in tokenizer
     no_shape = run_distributed(bad_teacher, 1, ["--distill.teacher.load="
                                                 + student_init_checkpoint], "tok-A")[0]
     assert "distill.teacher.model is not set and no config.yaml" in no_shape

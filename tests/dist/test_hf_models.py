@@ -25,22 +25,6 @@ from _dist import run_distributed  # noqa: E402
 # fp32 on both sides, the same math in another order (fused QKV matmul, megatron's attention
 # kernel, vocab-parallel output): ~1e-5 on logits of magnitude ~7; a wrong layout is > 1e-1.
 LOGITS_ATOL = 5e-5
-TOKENS_BS = (2, 40)
-
-
-@pytest.fixture(scope="module")
-def hf_models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hf_models")
-    tokenizer = _hf.train_tokenizer(str(root / "tokenizer"))
-    models = {}
-    for family in _hf.FAMILIES:
-        path = str(root / family)
-        _hf.build_model(family, path, tokenizer)
-        models[family] = path
-    tokens = torch.randint(0, _hf.TOKENS, TOKENS_BS, generator=torch.Generator().manual_seed(0))
-    expected = {family: _hf.hf_logits(path, tokens) for family, path in models.items()}
-    return {"root": root, "models": models, "tokens": tokens, "expected": expected,
-            "tokenizer": tokenizer}
 
 
 def megatron_logits(rank, world_size, model_dirs, tokens, tp, pp, overrides=None):
