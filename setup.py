@@ -25,11 +25,26 @@ setup(
         "matplotlib>=3.7",
         # Compression of the offline logits store.
         "zstandard>=0.22",
+        # Hugging Face tokenizers (tokenizer.json) and weights (safetensors, read by slices);
+        # transformers itself is never needed to train.
+        "tokenizers>=0.20",
+        "safetensors>=0.4.3",
     ],
     extras_require={
         # GPU extras, imported lazily; the local layer spec and torch norms are used without them.
         "gpu": ["transformer-engine[pytorch]>=2.9,<2.12", "triton>=3.1"],
         "triton": ["triton>=3.1"],
-        "dev": ["pytest>=8", "ruff>=0.6", "triton>=3.1"],
+        # Scoring: lm-evaluation-harness (the megatron_pd backend, and its hf backend for
+        # exported students) and transformers.
+        "eval": ["transformers>=5.0", "lm-eval>=0.4.9", "accelerate>=1.0"],
+        # Tests compare against transformers and lm-eval (tiny local models, local tasks).
+        "dev": [
+            "pytest>=8",
+            "ruff>=0.6",
+            "triton>=3.1",
+            "transformers>=5.0",
+            "lm-eval>=0.4.9",
+            "accelerate>=1.0",
+        ],
     },
 )

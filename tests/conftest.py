@@ -7,6 +7,16 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+# No hub is reachable: transformers, datasets and lm-eval must never try (and stay quiet).
+for _name, _value in (
+    ("HF_HUB_OFFLINE", "1"),
+    ("HF_DATASETS_OFFLINE", "1"),
+    ("TRANSFORMERS_VERBOSITY", "error"),
+    ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+    ("TOKENIZERS_PARALLELISM", "false"),
+):
+    os.environ.setdefault(_name, _value)
+
 # Without CUDA, Triton kernels run in its CPU interpreter (must be set before any kernel is
 # defined, i.e. before megatron_pd.loss is imported).
 if "TRITON_INTERPRET" not in os.environ:

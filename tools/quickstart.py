@@ -4,8 +4,8 @@
     python tools/quickstart.py --seeds 1 --steps-scale 0.1   # a 2-minute smoke run
 
 Stages (each resumes or is skipped when its output exists, so a rerun continues):
-  1. data      train a 4k BPE SentencePiece tokenizer on the stdlib source of this Python and
-               tokenize it to megatron .bin/.idx (about 4M tokens)
+  1. data      train a 4k byte-level BPE tokenizer (an HF tokenizer.json) on the stdlib source
+               of this Python and tokenize it to megatron .bin/.idx (about 4M tokens)
   2. teacher   pre-train a 3.2M-parameter teacher (examples/configs/quickstart_teacher.yaml)
   3. students  for each seed: a 0.6M-parameter student distilled online from the frozen teacher
                (examples/configs/quickstart_pd.yaml) and the same student trained LM-only on
@@ -36,19 +36,23 @@ VOCAB_SIZE = 4096
 def stage_data(workdir: str) -> dict:
     from megatron_pd.data.corpus import stdlib_corpus_files, stdlib_source_dir
     from megatron_pd.data.preprocess import preprocess
-    from megatron_pd.data.tokenizer import train_sentencepiece
+    from megatron_pd.data.tokenizer import train_hf_bpe
 
     data_dir = os.path.join(workdir, "data")
-    tokenizer = os.path.join(data_dir, "stdlib_tok.model")
+    tokenizer = os.path.join(data_dir, "stdlib_tok")  # an HF tokenizer directory
     prefix = os.path.join(data_dir, "stdlib_text_document")
-    if os.path.exists(tokenizer) and os.path.exists(prefix + ".idx"):
+    if os.path.exists(os.path.join(tokenizer, "tokenizer.json")) and os.path.exists(
+        prefix + ".idx"
+    ):
         print(f"[data] reusing {prefix}")
         return {"tokenizer": tokenizer, "prefix": prefix}
     files = stdlib_corpus_files()
     print(f"[data] corpus: {len(files)} .py files under {stdlib_source_dir()}")
     start = time.monotonic()
-    train_sentencepiece(files, tokenizer[: -len(".model")], VOCAB_SIZE, num_threads=os.cpu_count())
-    print(f"[data] tokenizer: {VOCAB_SIZE} BPE pieces in {time.monotonic() - start:.1f}s")
+    train_hf_bpe(files, tokenizer, VOCAB_SIZE)
+    print(
+        f"[data] tokenizer: {VOCAB_SIZE} byte-level BPE tokens in {time.monotonic() - start:.1f}s"
+    )
     stats = preprocess(files, prefix, tokenizer, workers=max(1, min(4, os.cpu_count() or 1)))
     print(f"[data] {stats.documents} documents, {stats.tokens:,} tokens in {stats.seconds:.1f}s")
     return {"tokenizer": tokenizer, "prefix": prefix}

@@ -5,10 +5,14 @@
 #   STAGE=train  train the student from the store (PD* settings: top-0.95-50 cut from the
 #                stored entries, tau 2, KLD, WSD-alpha), no teacher in memory.
 #
-#   STAGE=dump TEACHER=/ckpt/glm4-9b_megatron_pd DATA=/data/corpus_text_document \
-#   TOKENIZER=/data/glm4_tokenizer.model STORE=/fast/logits/glm4_9b_top-0.95-100 \
+#   STAGE=dump TEACHER=/models/glm-4-9b-hf DATA=/data/corpus_text_document \
+#   STORE=/fast/logits/glm4_9b_top-0.95-100 bash examples/recipes/offline_pd_1.9b_from_glm4-9b.sh
+#   STAGE=train TOKENIZER=/models/glm-4-9b-hf DATA=... STORE=... \
 #   bash examples/recipes/offline_pd_1.9b_from_glm4-9b.sh
-#   STAGE=train DATA=... TOKENIZER=... STORE=... bash examples/recipes/offline_pd_1.9b_from_glm4-9b.sh
+#
+# TEACHER: the Hugging Face directory as downloaded (THUDM/glm-4-9b-hf), loaded directly, or a
+# megatron_pd checkpoint; DATA tokenized with its tokenizer (tools/preprocess_data.py
+# --tokenizer-model "$TEACHER"); TOKENIZER defaults to TEACHER.
 #
 # The dump reads the student's config (examples/configs/online_pd_1.9b_from_glm4-9b.yaml), so
 # the store's dataset fingerprint is the one the student checks; keep data.*, seq_length and
@@ -19,7 +23,8 @@
 # later student run skips it: ~60% of an online PD step's FLOPs at 1.9B (~11 GFLOP/token to
 # train the student).
 set -euo pipefail
-: "${STAGE:?set STAGE=dump or STAGE=train}" "${DATA:?set DATA}" "${TOKENIZER:?set TOKENIZER}"
+: "${STAGE:?set STAGE=dump or STAGE=train}" "${DATA:?set DATA}"
+TOKENIZER="${TOKENIZER:-${TEACHER:?set TOKENIZER (or TEACHER)}}"
 : "${STORE:?set STORE (a directory on fast shared storage)}"
 cd "$(dirname "$0")/../.."
 CONFIG=examples/configs/online_pd_1.9b_from_glm4-9b.yaml
@@ -30,7 +35,7 @@ case "$STAGE" in
     : "${TEACHER:?set TEACHER}"
     exec torchrun --standalone --nproc_per_node="$NPROC_PER_NODE" tools/dump_teacher_logits.py \
       --config "$CONFIG" --store "$STORE" "${DATA_ARGS[@]}" \
-      --distill.teacher.load="$TEACHER" --distill.teacher.model.preset=glm4-9b \
+      --distill.teacher.load="$TEACHER" \
       --distill.teacher.tp=2 --distill.truncation=top-0.95-100 --batch-size 4 "$@" ;;
   train)
     CONFIG=$CONFIG NPROC_PER_NODE=$NPROC_PER_NODE exec bash launch/torchrun.sh \

@@ -11,7 +11,7 @@ cd "$(dirname "$0")/../.."
 QS=runs/quickstart
 OUT=${OUT:-runs/offline_pd_tiny_cpu}
 PY=${PYTHON:-python}
-TOK=$QS/data/stdlib_tok.model
+TOK=$QS/data/stdlib_tok
 STDLIB=$($PY -c "import os, sysconfig; print(os.path.join(sysconfig.get_paths()['stdlib'], 'email'))")
 mkdir -p "$OUT"
 [ -f "$OUT/data/text_document.idx" ] || $PY tools/preprocess_data.py --input "$STDLIB" \

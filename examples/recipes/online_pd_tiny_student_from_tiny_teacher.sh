@@ -9,5 +9,5 @@ cd "$(dirname "$0")/../.."
 QS=runs/quickstart
 CONFIG=examples/configs/quickstart_pd.yaml NPROC_PER_NODE=2 exec bash launch/torchrun.sh \
   --run_dir=runs/online_pd_tiny_cpu --distill.teacher.load=$QS/teacher \
-  --data.tokenizer_model=$QS/data/stdlib_tok.model --data.blend="[$QS/data/stdlib_text_document]" \
+  --data.tokenizer_model=$QS/data/stdlib_tok --data.blend="[$QS/data/stdlib_text_document]" \
   --data.cache_dir=$QS/data/cache "$@"

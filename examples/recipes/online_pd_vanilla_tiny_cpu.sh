@@ -10,5 +10,5 @@ CONFIG=examples/configs/quickstart_pd.yaml NPROC_PER_NODE=2 exec bash launch/tor
   --run_dir=runs/online_pd_vanilla_tiny_cpu --distill.loss=soft_ce \
   --distill.truncation=top-0.95-100 --distill.alpha.value=1.0 --distill.tau.value=1.0 \
   --distill.teacher.load=$QS/teacher --distill.teacher.tp=2 \
-  --data.tokenizer_model=$QS/data/stdlib_tok.model --data.blend="[$QS/data/stdlib_text_document]" \
+  --data.tokenizer_model=$QS/data/stdlib_tok --data.blend="[$QS/data/stdlib_text_document]" \
   --data.cache_dir=$QS/data/cache "$@"

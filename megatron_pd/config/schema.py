@@ -198,7 +198,8 @@ class DataConfig:
     """Token data (megatron .bin/.idx prefixes) and the tokenizer that made it."""
 
     tokenizer_model: Optional[str] = None
-    """Path of the SentencePiece .model that tokenized the data."""
+    """The tokenizer that tokenized the data: a SentencePiece .model, an HF tokenizer.json, or
+    an HF model/tokenizer directory (e.g. the teacher's own)."""
     blend: list[str] = field(default_factory=list)
     """Data prefixes (path without .bin/.idx), megatron style: ["p1", "p2"] or with weights
     ["0.7", "p1", "0.3", "p2"]."""
