@@ -51,7 +51,8 @@ elif mode == "hold":
     state = {}
     for name in sorted(os.listdir(sys.argv[2])):
         if name.endswith(".safetensors"):
-            state.update(load_file(os.path.join(sys.argv[2], name)))
+            # cloned: in memory, not pages of the memory-mapped file
+            state.update({k: v.clone() for k, v in load_file(os.path.join(sys.argv[2], name)).items()})
     torch.save(state, os.path.join(sys.argv[3], "whole.pt"))
 else:
     import megatron_pd.models.convert  # noqa: F401

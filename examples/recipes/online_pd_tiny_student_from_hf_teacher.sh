@@ -8,9 +8,9 @@
 #   4. score it with lm-eval on local stdlib tasks, twice: lm-eval's own hf backend on the
 #      export, and the megatron_pd backend on the student's run directory (the same scores).
 # Needs the quickstart (bash examples/quickstart.sh) and the eval extra (pip install -e .[eval]).
-# Hardware: any 2-core machine, ~8 minutes. Expected: the export's held-out loss equals the
-# teacher's own validation loss (~4.4 nats/token); student at ~5 nats/token after 300 steps;
-# next-line accuracy well above the 0.25 of chance for the teacher-distilled student.
+# Hardware: any 2-core machine, ~2.5 minutes. Measured here (2026-12-02): teacher export 4.97
+# nats/token on the 11 held-out files (first 128 tokens); the student (150 steps) scores
+# next-line acc 0.29 (chance 0.25) and 2.47 bits/byte, identical with both lm-eval backends.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 QS=${QS:-runs/quickstart}

@@ -182,7 +182,7 @@ class HFTokenizer:
         bos_text = _token_text(config.get("bos_token")) or _token_text(special.get("bos_token"))
         self._bos = self._vocab.get(bos_text) if bos_text is not None else None
         pad = self._token_id(_token_text(config.get("pad_token")), generation.get("pad_token_id"))
-        self._pad = pad if pad is not None else self._eod
+        self._pad = pad  # None: the tokenizer has none
         self._prefix, self._suffix = self._template()
         self._fingerprint = self._compute_fingerprint()
 
@@ -256,6 +256,13 @@ class HFTokenizer:
 
     @property
     def pad(self) -> int:
+        """The padding id megatron's datasets see: the tokenizer's own when it is a distinct
+        token, else -1 (megatron's "no padding token"; samples here are never padded)."""
+        return self._pad if self._pad is not None and self._pad != self._eod else -1
+
+    @property
+    def pad_token_id(self) -> int | None:
+        """The tokenizer's own padding id (None when it has none), as transformers names it."""
         return self._pad
 
     @property

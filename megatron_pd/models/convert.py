@@ -293,7 +293,9 @@ def export_hf(load: str, out_dir: str, dtype: str = "bfloat16", shard_bytes: int
         json.dump(config, f, indent=2)
     generation = {"_from_model_config": True}
     if tokenizer is not None:
-        generation.update(eos_token_id=tokenizer.eod, pad_token_id=tokenizer.pad)
+        generation.update(eos_token_id=tokenizer.eod)
+        if getattr(tokenizer, "pad_token_id", None) is not None:
+            generation["pad_token_id"] = tokenizer.pad_token_id
         if tokenizer.bos is not None:
             generation["bos_token_id"] = tokenizer.bos
         _export_tokenizer(tokenizer, tmp)

@@ -339,5 +339,5 @@ def hf_config_for_model(
     if tokenizer is not None:
         config["eos_token_id"] = tokenizer.eod
         config["bos_token_id"] = tokenizer.bos
-        config["pad_token_id"] = tokenizer.pad
+        config["pad_token_id"] = getattr(tokenizer, "pad_token_id", None)
     return config
