@@ -37,6 +37,13 @@ logger = logging.getLogger("megatron_pd.loss")
 _announced: set = set()
 
 
+def announce(impl: str, what: str = "distillation loss") -> None:
+    """Log the implementation in use, once per process and kind."""
+    if (impl, what) not in _announced:
+        _announced.add((impl, what))
+        logger.info("%s implementation: %s", what, impl)
+
+
 def resolve_implementation(requested: str) -> str:
     """'reference', 'torch' or 'triton' for a config value (``auto`` included)."""
     if requested == "auto":
@@ -114,9 +121,7 @@ def distillation_loss(
     check what they produce.
     """
     impl = resolve_implementation(impl)
-    if impl not in _announced:
-        _announced.add(impl)
-        logger.info("distillation loss implementation: %s", impl)
+    announce(impl)
     spec.check_teacher(teacher)
     validate_inputs(student_logits_Nv, labels_N, teacher, spec, vocab, values=check_inputs)
     if impl == "reference":

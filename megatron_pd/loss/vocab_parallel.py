@@ -21,6 +21,7 @@ vocab, K kept entries of a sparse teacher, C tokens of a chunk.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -83,6 +84,233 @@ def _chunks(num_tokens: int, chunk: int):
         yield start, min(start + chunk, num_tokens)
 
 
+@dataclass
+class LossForward:
+    """What the forward of the fused loss computed, per token [N], and what its gradient needs."""
+
+    loss: torch.Tensor
+    lm: torch.Tensor
+    kd: torch.Tensor
+    aux: dict  # teacher_entropy, agree, kept (None where not computed)
+    per_token: dict  # lse_s, lse_t, lse_1, W, a: the scalars of the gradient
+    ignored: torch.Tensor  # [N] bool: label is ignore_index
+    keep_kd: torch.Tensor  # [N] bool: the KD term counts
+    alpha: float
+    kind: str | None  # "dense", "sparse" or None (alpha = 0)
+
+
+def loss_forward(
+    student_Nv,
+    labels_N,
+    teacher_dense_Nv,
+    sparse: dict | None,
+    spec: LossSpec,
+    vocab: VocabInfo,
+    tp_group,
+    chunk_tokens: int,
+    stats_log: list,
+    metrics: bool,
+    impl: str,
+) -> LossForward:
+    """Per-token losses of vocab-sharded logits (collective: one all-gather, JSD one more).
+
+    ``sparse`` is ``_sparse_prep`` of a sparse teacher (None for dense or no teacher).
+    """
+    num_tokens = student_Nv.shape[0]
+    valid = vocab.valid_in_shard
+    kind = "dense" if teacher_dense_Nv is not None else ("sparse" if sparse else None)
+    with_labels = labels_N is not None
+    names = S.needed_stats(spec, kind, with_labels, metrics)
+    labels_local = (labels_N - vocab.shard_start) if with_labels else None
+    device = student_Nv.device
+
+    tau_s = spec.tau_student if kind else 1.0
+    teacher_valid = teacher_dense_Nv[:, :valid] if kind == "dense" else None
+    # 1. local statistics, one read of the logits
+    if impl == "triton":
+        local = TK.row_stats(
+            student_Nv[:, :valid],
+            teacher_valid,
+            labels_local,
+            names,
+            spec,
+            tau_s,
+            vocab.shard_start,
+        )
+        if sparse is not None and valid > 0:
+            shifted = student_Nv[:, :valid].gather(1, sparse["local"]).float() / tau_s
+            shifted = shifted - local[:, :1]
+            kept = S.sparse_kept_stats(shifted, _gathered_view(sparse), names)
+            for name, value in kept.items():
+                local[:, 2 + names.index(name)] = value
+            if "z_out" in names:  # the kernels do not sum outside the kept set
+                column = 2 + names.index("z_out")
+                for start, end in _chunks(num_tokens, chunk_tokens):
+                    rows = student_Nv[start:end, :valid].float() / tau_s
+                    exp = (rows - local[start:end, :1]).exp_()
+                    part = _slice_sparse(sparse, start, end)
+                    local[start:end, column] = S.outside_exp_sum(exp, part)
+    else:
+        local = torch.empty(num_tokens, 2 + len(names), device=device)
+        ws = S.Workspace(min(chunk_tokens, num_tokens), valid, device)
+        for start, end in _chunks(num_tokens, chunk_tokens):
+            local[start:end] = S.chunk_local_stats(
+                student_Nv[start:end, :valid],
+                teacher_valid[start:end] if kind == "dense" else None,
+                _slice_sparse(sparse, start, end),
+                labels_local[start:end] if with_labels else None,
+                spec,
+                names,
+                vocab.shard_start,
+                ws,
+            )
+    # 2. one all-gather of the per-token rows; exact merge on every rank
+    gathered = all_gather_stacked(local, tp_group)
+    stats_log.append("all_gather")
+    merged = S.merge_stats(gathered, names, tau_s)
+    values = S.finalize(merged, spec, kind, sparse, vocab.true_size)
+
+    # 3. JSD: second read for the log-mixture terms, one SUM all-reduce
+    if S.has_second_pass(spec, kind):
+        if impl == "triton" and kind == "dense":
+            sums = TK.jsd_sums(
+                student_Nv[:, :valid],
+                teacher_valid,
+                values["lse_s"],
+                values["lse_t"],
+                spec,
+                tau_s,
+            )
+        else:
+            sums = torch.zeros(num_tokens, 2, device=device)
+            for start, end in _chunks(num_tokens, chunk_tokens):
+                sums[start:end] = _jsd_chunk_sums(
+                    student_Nv[start:end, :valid],
+                    teacher_valid[start:end] if kind == "dense" else None,
+                    _slice_sparse(sparse, start, end),
+                    values,
+                    start,
+                    end,
+                    spec,
+                    tau_s,
+                )
+        all_reduce_sum(sums, tp_group)
+        stats_log.append("all_reduce")
+        kd, W = sums[:, 0], sums[:, 1]
+        if kind == "sparse":
+            outside_value, outside_weighted, a = S.jsd_outside_terms(spec, values["G"], sparse["r"])
+            kd, W = kd + outside_value, W + outside_weighted
+            values["a"] = a
+        values["kd"] = kd * spec.kd_scale
+        values["W"] = W
+
+    zero = torch.zeros(num_tokens, device=device)
+    ignored = (
+        (labels_N == spec.ignore_index) if with_labels else torch.zeros_like(zero, dtype=torch.bool)
+    )
+    keep_kd = ~ignored
+    if kind == "sparse":
+        keep_kd = keep_kd & sparse["has_entries"]
+    lm = torch.where(ignored, zero, values.get("lm", zero))
+    kd = torch.where(keep_kd, values.get("kd", zero), zero)
+    alpha = spec.alpha if kind else 0.0
+    loss = (1.0 - alpha) * lm + alpha * kd
+
+    aux = {
+        "teacher_entropy": values.get("teacher_entropy"),
+        "agree": values.get("agree"),
+        "kept": sparse["kept"] if sparse else None,
+    }
+    per_token = {
+        k: values[k] for k in ("lse_s", "lse_t", "lse_1", "W", "a") if values.get(k) is not None
+    }
+    return LossForward(loss, lm, kd, aux, per_token, ignored, keep_kd, alpha, kind)
+
+
+def loss_grad(
+    grad_Nv,
+    student_Nv,
+    labels_N,
+    teacher_Nv,
+    sparse: dict | None,
+    fwd: LossForward,
+    ce_weight,
+    kd_weight,
+    spec: LossSpec,
+    vocab: VocabInfo,
+    chunk_tokens: int,
+    impl: str,
+) -> None:
+    """Write d(sum_t ce_weight_t CE_t + kd_weight_t KD_t) / d logits into ``grad_Nv`` (the
+    logits' dtype; padded columns 0). ``ce_weight``/``kd_weight`` [N] already include alpha,
+    tau^2 and the ignored/no-entry masks, not 1 / tau_s. No communication."""
+    per_token, kind = fwd.per_token, fwd.kind
+    valid = vocab.valid_in_shard
+    grad_Nv[:, valid:] = 0.0  # padded vocabulary columns
+    if kind:
+        kd_weight = kd_weight / spec.tau_student
+    with_labels = labels_N is not None
+    labels_local = labels_N - vocab.shard_start if with_labels else None
+    if impl == "triton":
+        TK.grad_rows(
+            student_Nv[:, :valid],
+            teacher_Nv[:, :valid] if kind == "dense" else None,
+            labels_local,
+            per_token,
+            ce_weight,
+            kd_weight,
+            spec,
+            kind,
+            grad_Nv[:, :valid],
+            vocab.true_size,
+        )
+        if kind == "sparse" and valid > 0:
+            # The kernel wrote the generic derivative everywhere; the kept columns get
+            # theirs: KD, plus the hard-label CE the kernel had put there.
+            sparse = _gathered_view(sparse)
+            logits_kept = student_Nv[:, :valid].gather(1, sparse["local"]).float()
+            P_kept = (logits_kept / spec.tau_student - per_token["lse_s"][:, None]).exp()
+            kept = _kept_grad(P_kept, sparse, per_token, kd_weight[:, None], spec)
+            if labels_local is not None:
+                lse_1 = per_token.get("lse_1", per_token["lse_s"])
+                P1_kept = (logits_kept - lse_1[:, None]).exp()
+                is_label = sparse["local"] == labels_local[:, None]
+                ce = ce_weight[:, None] * (P1_kept - is_label.to(P1_kept.dtype))
+                kept = kept + torch.where(sparse["owned"], ce, torch.zeros_like(ce))
+            _overwrite_kept(grad_Nv[:, :valid], sparse, kept)
+        return
+    direct = grad_Nv.dtype == torch.float32  # compute straight into the gradient
+    ws = S.Workspace(min(chunk_tokens, max(student_Nv.shape[0], 1)), valid, student_Nv.device)
+    for start, end in _chunks(student_Nv.shape[0], chunk_tokens):
+        if valid == 0:
+            break
+        rows = slice(start, end)
+        target = grad_Nv[rows, :valid] if direct else ws.get("grad", end - start)
+        _grad_chunk(
+            student_Nv[rows, :valid],
+            labels_local[rows] if with_labels else None,
+            teacher_Nv[rows, :valid] if kind == "dense" else None,
+            _slice_sparse(sparse, start, end),
+            {k: v[rows] for k, v in per_token.items()},
+            ce_weight[rows],
+            kd_weight[rows],
+            spec,
+            kind,
+            vocab.true_size,
+            ws,
+            target,
+        )
+        if not direct:
+            grad_Nv[rows, :valid] = target
+
+
+def grad_weights(fwd: LossForward, spec: LossSpec, upstream_N) -> tuple:
+    """(ce_weight, kd_weight) [N] of the gradient for upstream per-token gradients."""
+    ce_weight = ((1.0 - fwd.alpha) * upstream_N).masked_fill(fwd.ignored, 0.0)
+    kd_weight = (fwd.alpha * spec.kd_scale * upstream_N).masked_fill(~fwd.keep_kd, 0.0)
+    return ce_weight, kd_weight
+
+
 class FusedDistillLossFunction(torch.autograd.Function):
     """Per-token (1 - alpha) * CE + alpha * KD over vocab-sharded logits. See module doc."""
 
@@ -94,6 +322,7 @@ class FusedDistillLossFunction(torch.autograd.Function):
         teacher_dense_Nv,
         teacher_idx_NK,
         teacher_logp_NK,
+        teacher_log_tail_N,
         spec: LossSpec,
         vocab: VocabInfo,
         tp_group,
@@ -102,204 +331,55 @@ class FusedDistillLossFunction(torch.autograd.Function):
         metrics: bool = True,
         impl: str = "torch",
     ):
-        num_tokens = student_Nv.shape[0]
-        valid = vocab.valid_in_shard
-        kind = (
-            "dense"
-            if teacher_dense_Nv is not None
-            else ("sparse" if teacher_idx_NK is not None else None)
-        )
-        with_labels = labels_N is not None
-        names = S.needed_stats(spec, kind, with_labels, metrics)
         sparse = None
-        if kind == "sparse":
-            sparse = _sparse_prep(SparseTeacher(teacher_idx_NK, teacher_logp_NK), spec, vocab)
-        labels_local = (labels_N - vocab.shard_start) if with_labels else None
-        device = student_Nv.device
-
-        tau_s = spec.tau_student if kind else 1.0
-        teacher_valid = teacher_dense_Nv[:, :valid] if kind == "dense" else None
-        # 1. local statistics, one read of the logits
-        if impl == "triton":
-            local = TK.row_stats(
-                student_Nv[:, :valid],
-                teacher_valid,
-                labels_local,
-                names,
-                spec,
-                tau_s,
-                vocab.shard_start,
-            )
-            if sparse is not None and valid > 0:
-                shifted = student_Nv[:, :valid].gather(1, sparse["local"]).float() / tau_s
-                shifted = shifted - local[:, :1]
-                kept = S.sparse_kept_stats(shifted, _gathered_view(sparse), names)
-                for name, value in kept.items():
-                    local[:, 2 + names.index(name)] = value
-                if "z_out" in names:  # the kernels do not sum outside the kept set
-                    column = 2 + names.index("z_out")
-                    for start, end in _chunks(num_tokens, chunk_tokens):
-                        rows = student_Nv[start:end, :valid].float() / tau_s
-                        exp = (rows - local[start:end, :1]).exp_()
-                        part = _slice_sparse(sparse, start, end)
-                        local[start:end, column] = S.outside_exp_sum(exp, part)
-        else:
-            local = torch.empty(num_tokens, 2 + len(names), device=device)
-            ws = S.Workspace(min(chunk_tokens, num_tokens), valid, device)
-            for start, end in _chunks(num_tokens, chunk_tokens):
-                local[start:end] = S.chunk_local_stats(
-                    student_Nv[start:end, :valid],
-                    teacher_valid[start:end] if kind == "dense" else None,
-                    _slice_sparse(sparse, start, end),
-                    labels_local[start:end] if with_labels else None,
-                    spec,
-                    names,
-                    vocab.shard_start,
-                    ws,
-                )
-        # 2. one all-gather of the per-token rows; exact merge on every rank
-        gathered = all_gather_stacked(local, tp_group)
-        stats_log.append("all_gather")
-        merged = S.merge_stats(gathered, names, tau_s)
-        values = S.finalize(merged, spec, kind, sparse, vocab.true_size)
-
-        # 3. JSD: second read for the log-mixture terms, one SUM all-reduce
-        if S.has_second_pass(spec, kind):
-            if impl == "triton" and kind == "dense":
-                sums = TK.jsd_sums(
-                    student_Nv[:, :valid],
-                    teacher_valid,
-                    values["lse_s"],
-                    values["lse_t"],
-                    spec,
-                    tau_s,
-                )
-            else:
-                sums = torch.zeros(num_tokens, 2, device=device)
-                for start, end in _chunks(num_tokens, chunk_tokens):
-                    sums[start:end] = _jsd_chunk_sums(
-                        student_Nv[start:end, :valid],
-                        teacher_valid[start:end] if kind == "dense" else None,
-                        _slice_sparse(sparse, start, end),
-                        values,
-                        start,
-                        end,
-                        spec,
-                        tau_s,
-                    )
-            all_reduce_sum(sums, tp_group)
-            stats_log.append("all_reduce")
-            kd, W = sums[:, 0], sums[:, 1]
-            if kind == "sparse":
-                outside_value, outside_weighted, a = S.jsd_outside_terms(
-                    spec, values["G"], sparse["r"]
-                )
-                kd, W = kd + outside_value, W + outside_weighted
-                values["a"] = a
-            values["kd"] = kd * spec.kd_scale
-            values["W"] = W
-
-        zero = torch.zeros(num_tokens, device=device)
-        ignored = (
-            (labels_N == spec.ignore_index)
-            if with_labels
-            else torch.zeros_like(zero, dtype=torch.bool)
+        if teacher_idx_NK is not None:
+            teacher = SparseTeacher(teacher_idx_NK, teacher_logp_NK, teacher_log_tail_N)
+            sparse = _sparse_prep(teacher, spec, vocab)
+        fwd = loss_forward(
+            student_Nv,
+            labels_N,
+            teacher_dense_Nv,
+            sparse,
+            spec,
+            vocab,
+            tp_group,
+            chunk_tokens,
+            stats_log,
+            metrics,
+            impl,
         )
-        keep_kd = ~ignored
-        if kind == "sparse":
-            keep_kd = keep_kd & sparse["has_entries"]
-        lm = torch.where(ignored, zero, values.get("lm", zero))
-        kd = torch.where(keep_kd, values.get("kd", zero), zero)
-        alpha = spec.alpha if kind else 0.0
-        loss = (1.0 - alpha) * lm + alpha * kd
-
-        aux = {
-            "teacher_entropy": values.get("teacher_entropy"),
-            "agree": values.get("agree"),
-            "kept": sparse["kept"] if sparse else None,
-        }
-        ctx.spec, ctx.vocab, ctx.kind, ctx.chunk = spec, vocab, kind, chunk_tokens
-        ctx.with_labels, ctx.alpha, ctx.impl = with_labels, alpha, impl
-        per_token = {
-            k: values[k] for k in ("lse_s", "lse_t", "lse_1", "W", "a") if values.get(k) is not None
-        }
-        ctx.per_token_names = list(per_token)
-        ctx.sparse = sparse
-        ctx.save_for_backward(
-            student_Nv, labels_N, teacher_dense_Nv, ignored, keep_kd, *per_token.values()
-        )
-        outputs = [loss, lm.detach(), kd.detach()]
+        ctx.spec, ctx.vocab, ctx.chunk, ctx.impl = spec, vocab, chunk_tokens, impl
+        ctx.fwd, ctx.sparse = fwd, sparse
+        ctx.save_for_backward(student_Nv, labels_N, teacher_dense_Nv)
+        zero = torch.zeros_like(fwd.loss)
+        outputs = [fwd.loss, fwd.lm.detach(), fwd.kd.detach()]
         for name in ("teacher_entropy", "agree", "kept"):
-            outputs.append(aux[name].float() if aux[name] is not None else zero)
+            value = fwd.aux[name]
+            outputs.append(value.float() if value is not None else zero)
         for tensor in outputs[1:]:
             ctx.mark_non_differentiable(tensor)
         return tuple(outputs)
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
-        student_Nv, labels_N, teacher_Nv, ignored, keep_kd, *saved = ctx.saved_tensors
-        per_token = dict(zip(ctx.per_token_names, saved))
-        spec, vocab, kind = ctx.spec, ctx.vocab, ctx.kind
-        valid = vocab.valid_in_shard
+        student_Nv, labels_N, teacher_Nv = ctx.saved_tensors
         grad = torch.empty_like(student_Nv)
-        grad[:, valid:] = 0.0  # padded vocabulary columns
-        direct = grad.dtype == torch.float32  # compute straight into the gradient
-        ws = S.Workspace(min(ctx.chunk, max(student_Nv.shape[0], 1)), valid, student_Nv.device)
-        ce_weight = ((1.0 - ctx.alpha) * grad_loss).masked_fill(ignored, 0.0)
-        kd_weight = (ctx.alpha * spec.kd_scale * grad_loss).masked_fill(~keep_kd, 0.0)
-        if kind:
-            kd_weight = kd_weight / spec.tau_student
-        labels_local = labels_N - vocab.shard_start if ctx.with_labels else None
-        if ctx.impl == "triton":
-            TK.grad_rows(
-                student_Nv[:, :valid],
-                teacher_Nv[:, :valid] if kind == "dense" else None,
-                labels_local,
-                per_token,
-                ce_weight,
-                kd_weight,
-                spec,
-                kind,
-                grad[:, :valid],
-                vocab.true_size,
-            )
-            if kind == "sparse" and valid > 0:
-                # The kernel wrote the generic derivative everywhere; the kept columns get
-                # theirs: KD, plus the hard-label CE the kernel had put there.
-                sparse = _gathered_view(ctx.sparse)
-                logits_kept = student_Nv[:, :valid].gather(1, sparse["local"]).float()
-                P_kept = (logits_kept / spec.tau_student - per_token["lse_s"][:, None]).exp()
-                kept = _kept_grad(P_kept, sparse, per_token, kd_weight[:, None], spec)
-                if labels_local is not None:
-                    lse_1 = per_token.get("lse_1", per_token["lse_s"])
-                    P1_kept = (logits_kept - lse_1[:, None]).exp()
-                    is_label = sparse["local"] == labels_local[:, None]
-                    ce = ce_weight[:, None] * (P1_kept - is_label.to(P1_kept.dtype))
-                    kept = kept + torch.where(sparse["owned"], ce, torch.zeros_like(ce))
-                _overwrite_kept(grad[:, :valid], sparse, kept)
-            return grad, None, None, None, None, None, None, None, None, None, None, None, None
-        for start, end in _chunks(student_Nv.shape[0], ctx.chunk):
-            if valid == 0:
-                break
-            rows = slice(start, end)
-            target = grad[rows, :valid] if direct else ws.get("grad", end - start)
-            _grad_chunk(
-                student_Nv[rows, :valid],
-                labels_N[rows] - vocab.shard_start if ctx.with_labels else None,
-                teacher_Nv[rows, :valid] if kind == "dense" else None,
-                _slice_sparse(ctx.sparse, start, end),
-                {k: v[rows] for k, v in per_token.items()},
-                ce_weight[rows],
-                kd_weight[rows],
-                spec,
-                kind,
-                vocab.true_size,
-                ws,
-                target,
-            )
-            if not direct:
-                grad[rows, :valid] = target
-        return grad, None, None, None, None, None, None, None, None, None, None, None, None
+        ce_weight, kd_weight = grad_weights(ctx.fwd, ctx.spec, grad_loss)
+        loss_grad(
+            grad,
+            student_Nv,
+            labels_N,
+            teacher_Nv,
+            ctx.sparse,
+            ctx.fwd,
+            ce_weight,
+            kd_weight,
+            ctx.spec,
+            ctx.vocab,
+            ctx.chunk,
+            ctx.impl,
+        )
+        return (grad,) + (None,) * 13
 
 
 _PER_ENTRY = ("T", "log_T", "local", "owned", "r", "best")  # what the chunk loops slice
@@ -495,6 +575,7 @@ def fused_distill_loss(
     dense = teacher.logits if isinstance(teacher, DenseTeacher) else None
     idx = teacher.indices if isinstance(teacher, SparseTeacher) else None
     logp = teacher.logprobs if isinstance(teacher, SparseTeacher) else None
+    log_tail = teacher.log_tail if isinstance(teacher, SparseTeacher) else None
     log = collectives if collectives is not None else []
     if impl not in ("torch", "triton"):
         raise ValueError(f"fused loss implementation {impl!r}: must be torch or triton")
@@ -508,6 +589,7 @@ def fused_distill_loss(
         dense,
         idx,
         logp,
+        log_tail,
         spec,
         vocab,
         tp_group,

@@ -27,3 +27,52 @@ def all_reduce_sum(tensor: torch.Tensor, group) -> torch.Tensor:
     if dist.get_world_size(group) > 1:
         dist.all_reduce(tensor, group=group)
     return tensor
+
+
+class _CopyToGroupFunction(torch.autograd.Function):
+    """Forward: identity. Backward: SUM all-reduce of the gradient over ``group``."""
+
+    @staticmethod
+    def forward(ctx, tensor, group):
+        ctx.group = group
+        return tensor
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_reduce_sum(grad.contiguous(), ctx.group), None
+
+
+def copy_to_group(tensor: torch.Tensor, group) -> torch.Tensor:
+    """A tensor replicated over ``group`` whose ranks each use it for their own shard of a
+    computation: the backward sums the ranks' gradient parts (collective in backward)."""
+    if dist.get_world_size(group) == 1:
+        return tensor
+    return _CopyToGroupFunction.apply(tensor, group)
+
+
+class _GatherDim0Function(torch.autograd.Function):
+    """Forward: all-gather along dim 0. Backward: reduce-scatter along dim 0."""
+
+    @staticmethod
+    def forward(ctx, tensor, group):
+        ctx.group = group
+        gathered = all_gather_stacked(tensor.contiguous(), group)  # [R, rows, ...]
+        return gathered.reshape(-1, *tensor.shape[1:])
+
+    @staticmethod
+    def backward(ctx, grad):
+        size, rank = dist.get_world_size(ctx.group), dist.get_rank(ctx.group)
+        parts = grad.contiguous().reshape(size, -1, *grad.shape[1:])
+        if dist.get_backend(ctx.group) == "gloo":  # gloo has no reduce-scatter of tensors
+            return all_reduce_sum(parts, ctx.group)[rank].clone(), None
+        out = torch.empty_like(parts[0])
+        dist.reduce_scatter_tensor(out, parts.reshape(-1, *grad.shape[1:]), group=ctx.group)
+        return out, None
+
+
+def gather_dim0(tensor: torch.Tensor, group) -> torch.Tensor:
+    """Sequence-parallel input gathered along its first dim over ``group`` (the backward
+    reduce-scatters the gradient: each rank keeps the sum for its own rows). Collective."""
+    if dist.get_world_size(group) == 1:
+        return tensor
+    return _GatherDim0Function.apply(tensor, group)

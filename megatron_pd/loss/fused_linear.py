@@ -1,0 +1,268 @@
+"""The output layer fused into the distillation loss: no [tokens x vocab] logits, ever.
+
+    fused_linear_distillation_loss(hidden_NH, weight_vH, labels_N, token_weights_N, teacher,
+                                   spec, vocab, tp_group, impl=...)
+
+The student's final hidden states h [N, H] and this rank's vocab shard of the output weight
+W [v, H] (the untied output layer's, or the tied word embedding's) go into one autograd
+Function. Token chunk by chunk it computes the chunk's logits h_c W^T [C, v], the fused
+loss's statistics on them (loss/vocab_parallel.py: every loss, dense or sparse teacher, tau,
+tail, the hard-label CE in the same pass; one all-gather of [C, c] per chunk, JSD one
+all-reduce more) and - because the loss is the last operation - at once the gradient of
+the weighted sum  sum_t w_t loss_t  with respect to those logits, which two GEMMs turn into
+this chunk's rows of dL/dh and its contribution to dL/dW. The chunk's logits and gradient
+are then dropped: what lives past the forward is dL/dh [N, H], the fp32 dL/dW accumulator
+[v, H] (the size of the weight's own gradient, which autograd hands back anyway) and per-token
+values. Backward only scales them by the upstream scalar. No GEMM is recomputed.
+
+``token_weights_N`` (the loss mask of the micro-batch) must be known before the forward, so the
+Function returns the weighted sum as its differentiable output (per-token values come back
+detached, for reporting). With tensor parallelism every rank holds the same h; its gradient
+parts are summed over ``tp_group`` in backward (``copy_to_group``); with sequence parallelism
+``hidden_NH`` is this rank's sequence shard, gathered first (``gather_dim0``). A teacher may be
+given as its hidden states with its output-weight shard in the student's vocab layout
+(``HiddenTeacher``): its logits are then also made chunk by chunk.
+
+Three implementations, one signature: ``reference`` (the logits h W^T, then the dense reference
+loss with autograd), ``torch`` and ``triton`` (this Function, with the row kernels of
+loss/triton_kernels.py on each chunk). Shape legend: N tokens, H hidden, v this rank's vocab
+shard (padded), C tokens of a chunk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from megatron_pd.loss import vocab_parallel as VP
+from megatron_pd.loss.spec import DenseTeacher, LossSpec, SparseTeacher
+from megatron_pd.parallel.collectives import copy_to_group, gather_dim0
+from megatron_pd.parallel.vocab import VocabInfo
+
+
+@dataclass
+class HiddenTeacher:
+    """A dense teacher given as its final hidden states [N, H_t] and the rows of its output
+    weight in the student's vocab layout [v, H_t] (the hidden-state exchange)."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+
+    def logits(self, start: int, end: int) -> torch.Tensor:
+        return self.hidden[start:end] @ self.weight.t()
+
+
+def default_fused_chunk(shard_width: int) -> int:
+    """Tokens per chunk: [C, v] fp32 buffers of about 32 MB (at least 16 tokens)."""
+    return max(16, (1 << 23) // max(shard_width, 1))
+
+
+class FusedLinearDistillFunction(torch.autograd.Function):
+    """sum_t w_t * ((1 - alpha) CE_t + alpha KD_t) from hidden states; see module doc."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        hidden_NH,
+        weight_vH,
+        labels_N,
+        token_weights_N,
+        teacher,
+        spec: LossSpec,
+        vocab: VocabInfo,
+        tp_group,
+        chunk_tokens: int,
+        metrics: bool,
+        impl: str,
+        stats_log: list,
+        needs_grad: bool,
+    ):
+        num_tokens = hidden_NH.shape[0]
+        device = hidden_NH.device
+        sparse = None
+        if isinstance(teacher, SparseTeacher):
+            sparse = VP._sparse_prep(teacher, spec, vocab)
+        names = ("loss", "lm", "kd", "teacher_entropy", "agree", "kept")
+        out = {name: torch.zeros(num_tokens, device=device) for name in names}
+        grad_hidden = torch.zeros_like(hidden_NH) if needs_grad else None
+        grad_weight = (
+            torch.zeros(weight_vH.shape, dtype=torch.float32, device=device) if needs_grad else None
+        )
+        weights = token_weights_N.to(torch.float32)
+        for start, end in VP._chunks(num_tokens, chunk_tokens):
+            rows = slice(start, end)
+            logits_Cv = hidden_NH[rows] @ weight_vH.t()
+            dense = None
+            if isinstance(teacher, DenseTeacher):
+                dense = teacher.logits[rows]
+            elif isinstance(teacher, HiddenTeacher):
+                dense = teacher.logits(start, end)
+            part = _slice_prep(sparse, start, end)
+            labels_C = labels_N[rows] if labels_N is not None else None
+            fwd = VP.loss_forward(
+                logits_Cv,
+                labels_C,
+                dense,
+                part,
+                spec,
+                vocab,
+                tp_group,
+                end - start,
+                stats_log,
+                metrics,
+                impl,
+            )
+            out["loss"][rows], out["lm"][rows], out["kd"][rows] = fwd.loss, fwd.lm, fwd.kd
+            for name in ("teacher_entropy", "agree", "kept"):
+                if fwd.aux[name] is not None:
+                    out[name][rows] = fwd.aux[name].float()
+            if not needs_grad:
+                continue
+            ce_weight, kd_weight = VP.grad_weights(fwd, spec, weights[rows])
+            grad_Cv = torch.empty_like(logits_Cv)
+            VP.loss_grad(
+                grad_Cv,
+                logits_Cv,
+                labels_C,
+                dense,
+                part,
+                fwd,
+                ce_weight,
+                kd_weight,
+                spec,
+                vocab,
+                end - start,
+                impl,
+            )
+            del logits_Cv
+            torch.mm(grad_Cv, weight_vH, out=grad_hidden[rows])
+            grad_weight.add_(grad_Cv.t().mm(hidden_NH[rows]))  # one rounding per chunk
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.dtypes = (hidden_NH.dtype, weight_vH.dtype)
+        weighted = (out["loss"] * weights).sum()
+        for name in names:
+            ctx.mark_non_differentiable(out[name])
+        return (weighted,) + tuple(out[name] for name in names)
+
+    @staticmethod
+    def backward(ctx, grad_weighted, *unused):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        hidden_dtype, weight_dtype = ctx.dtypes
+        scale = grad_weighted.to(torch.float32)
+        dh = None if grad_hidden is None else (grad_hidden * scale).to(hidden_dtype)
+        dw = None if grad_weight is None else grad_weight.mul_(scale).to(weight_dtype)
+        return (dh, dw) + (None,) * 11
+
+
+def _slice_prep(sparse: dict | None, start: int, end: int) -> dict | None:
+    """Every per-token entry of a sparse teacher's prep, for tokens [start, end)."""
+    if sparse is None:
+        return None
+    return {k: (v[start:end] if torch.is_tensor(v) else v) for k, v in sparse.items()}
+
+
+def fused_linear_distillation_loss(
+    hidden_NH: torch.Tensor,
+    weight_vH: torch.Tensor,
+    labels_N: torch.Tensor | None,
+    token_weights_N: torch.Tensor,
+    teacher,
+    spec: LossSpec,
+    vocab: VocabInfo,
+    tp_group,
+    impl: str = "torch",
+    chunk_tokens: int | None = None,
+    metrics: bool = True,
+    sequence_parallel: bool = False,
+    check_inputs: bool = True,
+    collectives: list | None = None,
+) -> dict:
+    """{"weighted" (differentiable scalar sum_t w_t loss_t), "loss", "lm", "kd",
+    "teacher_entropy", "agree", "kept" ([N], detached)} from hidden states.
+
+    Collective over ``tp_group`` (per chunk one all-gather, JSD one all-reduce more; one
+    all-reduce of dL/dh in backward; with ``sequence_parallel`` an all-gather of h first).
+    ``weight_vH`` is this rank's [shard_size, H] vocab shard of the output weight.
+    """
+    from megatron_pd.loss.objective import announce, resolve_implementation
+    from megatron_pd.loss.spec import check_inputs as validate_inputs
+
+    impl = resolve_implementation(impl)
+    announce(impl, "fused output layer")
+    if sequence_parallel:
+        hidden_NH = gather_dim0(hidden_NH, tp_group)
+    if hidden_NH.dim() != 2 or weight_vH.dim() != 2 or hidden_NH.shape[1] != weight_vH.shape[1]:
+        raise ValueError(
+            f"hidden states {tuple(hidden_NH.shape)} and output weight {tuple(weight_vH.shape)} "
+            "must be [tokens, H] and [vocab shard, H]"
+        )
+    if tuple(token_weights_N.shape) != (hidden_NH.shape[0],):
+        raise ValueError(
+            f"token weights have shape {tuple(token_weights_N.shape)}, the hidden states "
+            f"{hidden_NH.shape[0]} rows"
+        )
+    spec.check_teacher(DenseTeacher(None) if isinstance(teacher, HiddenTeacher) else teacher)
+    probe = torch.empty(hidden_NH.shape[0], weight_vH.shape[0], device="meta")
+    shape_teacher = teacher
+    if isinstance(teacher, HiddenTeacher):
+        if (
+            teacher.weight.shape[0] != weight_vH.shape[0]
+            or teacher.hidden.shape[0] != probe.shape[0]
+        ):
+            raise ValueError(
+                f"hidden teacher {tuple(teacher.hidden.shape)} x {tuple(teacher.weight.shape)} "
+                f"does not match the student's {tuple(probe.shape)} tokens x vocab shard"
+            )
+        shape_teacher = None
+    validate_inputs(probe, labels_N, shape_teacher, spec, vocab, values=check_inputs)
+    if impl == "reference":
+        return _reference(
+            hidden_NH,
+            weight_vH,
+            labels_N,
+            token_weights_N,
+            teacher,
+            spec,
+            vocab,
+            tp_group,
+            sequence_parallel,
+        )
+    chunk = chunk_tokens or default_fused_chunk(weight_vH.shape[0])
+    # each rank's gradient of h covers its vocab shard: summed over tp in backward - by the
+    # sequence-parallel gather's reduce-scatter, else by an all-reduce
+    hidden = hidden_NH if sequence_parallel else copy_to_group(hidden_NH, tp_group)
+    log = collectives if collectives is not None else []
+    # the gradient is made in the forward: only when one will be asked for
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight_vH.requires_grad)
+    weighted, *values = FusedLinearDistillFunction.apply(
+        hidden,
+        weight_vH,
+        labels_N,
+        token_weights_N,
+        teacher,
+        spec,
+        vocab,
+        tp_group,
+        chunk,
+        metrics,
+        impl,
+        log,
+        needs_grad,
+    )
+    names = ("loss", "lm", "kd", "teacher_entropy", "agree", "kept")
+    return {"weighted": weighted, **dict(zip(names, values))}
+
+
+def _reference(
+    hidden_NH, weight_vH, labels_N, token_weights_N, teacher, spec, vocab, tp_group, gathered
+):
+    """The logits h W^T (full [N, v]) and the dense reference loss, differentiated by autograd."""
+    from megatron_pd.loss.objective import distillation_loss
+
+    logits = (hidden_NH if gathered else copy_to_group(hidden_NH, tp_group)) @ weight_vH.t()
+    if isinstance(teacher, HiddenTeacher):
+        teacher = DenseTeacher(teacher.hidden @ teacher.weight.t())
+    out = distillation_loss(logits, labels_N, teacher, spec, vocab, tp_group, impl="reference")
+    weighted = (out["loss"] * token_weights_N.to(out["loss"].dtype)).sum()
+    return {"weighted": weighted, **{k: v.detach() for k, v in out.items()}}
