@@ -84,16 +84,17 @@ def _eager_loss_terms(module):
     """loss_terms of the distillation module, computed the eager way (for part 2)."""
     F = torch.nn.functional
 
-    def loss_terms(logits_BSv, batch):
+    def loss_terms(student, batch, mask_N):
         teacher = batch.get("teacher") or module._payloads[batch["microbatch"]]
-        s = logits_BSv.reshape(-1, logits_BSv.shape[-1]).float()
+        s = student.logits.float()
         t = teacher.logits.float()
         kd = F.kl_div(
             F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="none"
         ).sum(-1)
         ce = F.cross_entropy(s, batch["labels"].reshape(-1), reduction="none")
         loss = (1 - module.alpha) * ce + module.alpha * kd
-        return {"loss": loss, "lm_loss": ce.detach(), "kd_loss": kd.detach()}
+        terms = {"loss": loss.detach(), "lm_loss": ce.detach(), "kd_loss": kd.detach()}
+        return (loss * mask_N).sum(), terms
 
     return loss_terms
 

@@ -437,7 +437,10 @@ class DistillConfig:
     """Model the truncated teacher mass as one extra category (see loss/spec.py)."""
     exchange: str = "auto"
     """How teacher outputs reach the student ranks: dense (vocab slices), sparse (kept
-    entries; needs truncation) or auto (sparse when truncating)."""
+    entries; needs truncation), hidden (the teacher's final hidden states, 2 x H_t bytes per
+    token in bf16; each student loss rank holds the teacher's output-weight rows of its own
+    vocab shard and makes the full teacher distribution itself) or auto (sparse when
+    truncating, else dense)."""
     store: Optional[str] = None
     """Offline distillation: a logits store written by tools/dump_teacher_logits.py (or by a
     teacher's pre-training run) instead of a live teacher."""
@@ -467,7 +470,7 @@ class DistillConfig:
                 _fail(f"distill.tau.{end}", getattr(tau, end), "must be > 0")
         if not 0.0 < self.jsd_beta < 1.0:
             _fail("distill.jsd_beta", self.jsd_beta, "must be in (0, 1)")
-        _choice("distill.exchange", self.exchange, ("auto", "dense", "sparse"))
+        _choice("distill.exchange", self.exchange, ("auto", "dense", "sparse", "hidden"))
         if self.truncation is not None:
             from megatron_pd.logits.truncation import TruncationSpec
 
@@ -523,6 +526,12 @@ class LossConfig:
     an error where Triton cannot run) or reference (gathers the vocabulary; debugging)."""
     chunk_tokens: Optional[int] = None
     """Tokens per chunk of the torch path; None sizes chunks to ~4 MB of fp32 per buffer."""
+    fused_output_layer: bool = True
+    """Fuse the output layer into the loss: the student's final hidden states and its output
+    weight shard go into one chunked Function (loss/fused_linear.py), and a live teacher's
+    top-p-k entries are made from its hidden states chunk by chunk, so no [tokens x vocab]
+    logits (or their gradient) exist on either side. false computes full logits first (the
+    reference path; also what train.record_logits of a non-fused run reads)."""
     check_inputs: bool = False
     """Also check the loss inputs' values every step (labels in the vocabulary, teacher ids
     in range and unique, log-probs <= 0). Shapes are always checked; the values are checked
@@ -576,9 +585,14 @@ class LoggingConfig:
     """Print the progress line every this many steps."""
     tensorboard: bool = True
     """Write TensorBoard scalars to <run_dir>/tensorboard."""
+    metrics_interval: int = 10
+    """Compute the distillation metrics that cost extra passes over the vocabulary (teacher
+    entropy, top-1 agreement) every this many steps (and at every validation); 1 computes
+    them on every step. Steps without them log no value for them."""
 
     def __post_init__(self):
         _positive("logging.log_interval", self.log_interval)
+        _positive("logging.metrics_interval", self.metrics_interval)
 
 
 @dataclass

@@ -25,15 +25,21 @@ import torch
 import torch.distributed as dist
 
 from megatron_pd.engine.train_module import StepResult, TrainModule
-from megatron_pd.logits.truncation import TruncationSpec, truncate_vocab_parallel
-from megatron_pd.loss.objective import distillation_loss
+from megatron_pd.logits.truncation import (
+    TruncationSpec,
+    truncate_hidden_vocab_parallel,
+    truncate_vocab_parallel,
+)
+from megatron_pd.loss.fused_linear import HiddenTeacher
 from megatron_pd.loss.spec import DenseTeacher, LossSpec, SparseTeacher
 from megatron_pd.models.teacher import open_teacher
 from megatron_pd.parallel import topology
 from megatron_pd.parallel.exchange import (
     ExchangePlan,
     exchange_dense,
+    exchange_hidden,
     exchange_sparse,
+    exchange_weight_rows,
     gather_union_tokens,
 )
 from megatron_pd.parallel.topology import Layout
@@ -102,6 +108,17 @@ class DistillTrainModule(TrainModule):
             if distill.truncation
             else None
         )
+        self.teacher_rows = None  # hidden exchange: the teacher's output rows, student layout
+        if self.plan.mode == "hidden":
+            output_rank = self.plan.is_teacher_output_rank(self.rank)
+            self.teacher_rows = exchange_weight_rows(
+                self.plan,
+                self.rank,
+                self.teacher.output_weight() if output_rank else None,
+                self.teacher.cfg.hidden_size,
+                self.teacher.dtype,
+                self.device,
+            )
 
     def _init_store(
         self,
@@ -199,38 +216,32 @@ class DistillTrainModule(TrainModule):
         union = gather_union_tokens(
             tokens.to(self.device), self.plan, self.rank, self.teacher_groups.mp
         )
-        logits = self.teacher.logits(union)
         output_rank = self.plan.is_teacher_output_rank(self.rank)
         if self.plan.mode == "sparse":
-            ids = logp = log_tail = None
-            if output_rank:
-                flat = logits.reshape(-1, logits.shape[-1])
-                kept = truncate_vocab_parallel(
-                    flat, self.teacher.vocab, self.truncation, self.teacher_groups.tp
-                )
-                ids = kept.indices.reshape(union.shape[0], seq, -1)
-                logp = kept.logprobs.reshape(union.shape[0], seq, -1)
-                log_tail = kept.log_tail.reshape(union.shape[0], seq)
-            received = exchange_sparse(
+            payload = self._sparse_payload(union, size, seq, output_rank)
+        elif self.plan.mode == "hidden":
+            hidden = self.teacher.hidden(union)
+            width = self.teacher.cfg.hidden_size
+            received = exchange_hidden(
                 self.plan,
                 self.rank,
-                ids,
-                logp,
+                hidden,
                 size,
                 seq,
-                self.truncation.slots,
+                width,
+                self.teacher.dtype,
                 self.device,
                 self._bytes,
-                log_tail=log_tail,
             )
             payload = None
             if received is not None:
-                payload = SparseTeacher(
-                    received[0].reshape(-1, self.truncation.slots).long(),
-                    received[1].reshape(-1, self.truncation.slots),
-                    received[2].reshape(-1),
-                )
+                payload = HiddenTeacher(received.reshape(-1, width), self.teacher_rows)
+                if self.truncation is not None:  # top-p-k in the student's vocab layout
+                    payload = truncate_hidden_vocab_parallel(
+                        payload.hidden, payload.weight, self.vocab, self.truncation, self.groups.tp
+                    )
         else:
+            logits = self.teacher.logits(union)
             dense = exchange_dense(
                 self.plan,
                 self.rank,
@@ -252,6 +263,44 @@ class DistillTrainModule(TrainModule):
                     payload = DenseTeacher(flat)
         self._teacher_seconds += time.perf_counter() - start
         return payload
+
+    def _sparse_payload(self, union, size: int, seq: int, output_rank: bool):
+        """Top-p-k on the teacher's tp group (from its hidden states chunk by chunk when the
+        output layer is fused), then each loss rank's kept entries."""
+        ids = logp = log_tail = None
+        if self.fused_output:
+            kept = self.teacher.kept_entries(union, self.truncation)
+        else:
+            logits = self.teacher.logits(union)
+            kept = None
+            if output_rank:
+                flat = logits.reshape(-1, logits.shape[-1])
+                kept = truncate_vocab_parallel(
+                    flat, self.teacher.vocab, self.truncation, self.teacher_groups.tp
+                )
+        if output_rank:
+            ids = kept.indices.reshape(union.shape[0], seq, -1)
+            logp = kept.logprobs.reshape(union.shape[0], seq, -1)
+            log_tail = kept.log_tail.reshape(union.shape[0], seq)
+        received = exchange_sparse(
+            self.plan,
+            self.rank,
+            ids,
+            logp,
+            size,
+            seq,
+            self.truncation.slots,
+            self.device,
+            self._bytes,
+            log_tail=log_tail,
+        )
+        if received is None:
+            return None
+        return SparseTeacher(
+            received[0].reshape(-1, self.truncation.slots).long(),
+            received[1].reshape(-1, self.truncation.slots),
+            received[2].reshape(-1),
+        )
 
     def _store_payload(self, batch: dict):
         if not self.is_last_stage:
@@ -290,7 +339,7 @@ class DistillTrainModule(TrainModule):
             self.stores[split].prefetch(sample_ids)
 
     # ------------------------------------------------------------------ the student side
-    def loss_terms(self, logits_BSv: torch.Tensor, batch: dict) -> dict:
+    def loss_terms(self, student, batch: dict, mask_N) -> tuple:
         teacher = batch.get("teacher")
         if teacher is None:
             teacher = self._payloads[batch["microbatch"]]
@@ -299,16 +348,8 @@ class DistillTrainModule(TrainModule):
             from dataclasses import replace
 
             spec = replace(spec, alpha=0.0)
-        out = distillation_loss(
-            logits_BSv.reshape(-1, logits_BSv.shape[-1]),
-            batch["labels"].reshape(-1),
-            teacher,
-            spec,
-            self.vocab,
-            self.groups.tp,
-            impl=self.loss_impl,
-            chunk_tokens=self.cfg.loss.chunk_tokens,
-            check_inputs=self.cfg.loss.check_inputs,
+        loss_sum, out = self.student_loss(
+            student, batch["labels"].reshape(-1), teacher, spec, mask_N
         )
         terms = {
             "loss": out["loss"],
@@ -319,7 +360,7 @@ class DistillTrainModule(TrainModule):
         }
         if isinstance(teacher, SparseTeacher):
             terms["kept_per_token"] = out["kept"]
-        return terms
+        return loss_sum, terms
 
     def _forward_step(self, data_iterator, model):
         if self.just_in_time:  # every rank reaches micro-batch m here in the same order

@@ -18,12 +18,34 @@ import torch
 import torch.distributed as dist
 
 from megatron_pd.config.schema import Config
+from megatron_pd.loss.fused_linear import HiddenTeacher, fused_linear_distillation_loss
 from megatron_pd.loss.objective import distillation_loss, resolve_implementation
-from megatron_pd.loss.spec import LossSpec
-from megatron_pd.models.gpt import build_gpt_model, causal_attention_mask, seed_rngs
+from megatron_pd.loss.spec import DenseTeacher, LossSpec
+from megatron_pd.models.gpt import (
+    build_gpt_model,
+    causal_attention_mask,
+    hidden_output,
+    output_weight,
+    seed_rngs,
+)
+from megatron_pd.parallel.collectives import gather_dim0
 from megatron_pd.parallel.vocab import VocabInfo, model_padded_vocab
 
 _LM_ONLY = LossSpec(alpha=0.0)  # plain next-token cross-entropy over the true vocabulary
+# per-token values that cost extra passes over the vocabulary: computed on metric steps only
+METRIC_TERMS = ("teacher_entropy", "top1_agreement")
+
+
+@dataclass
+class StudentOutput:
+    """What the student's last stage made of one micro-batch: logits [N, v] (the logits
+    path), or hidden states [N, H] with this rank's output-weight shard [v, H] (the fused
+    output layer). Tokens in batch-major order, like the labels."""
+
+    logits: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
+    weight: torch.Tensor | None = None
+    sequence_parallel: bool = False  # ``hidden`` came out of a sequence-parallel gather
 
 
 def resolve_precision(name: str) -> torch.dtype:
@@ -130,29 +152,72 @@ class TrainModule:
 
         self._forward_backward = get_forward_backward_func(pp_size=self.pp_size)
         self._report_names = None
+        self.fused_output = cfg.loss.fused_output_layer
+        self.metrics = True  # the trainer turns the costly metrics on for some steps only
         self.capture: list | None = None
         self.recorder = None  # see enable_recording
         self.step = 0  # the trainer's current step (recorded with logits)
 
     # ----------------------------------------------------------------- the loss
-    def loss_terms(self, logits_BSv: torch.Tensor, batch: dict) -> dict:
-        """Per-token loss terms of one micro-batch: {"loss": [N] with grad, others detached}.
+    def student_output(self, output_BSx: torch.Tensor) -> StudentOutput:
+        """The model's last-stage output as logits or (fused) hidden states + weight."""
+        if not self.fused_output:
+            return StudentOutput(logits=output_BSx.reshape(-1, output_BSx.shape[-1]))
+        sequence_parallel = self.cfg.parallel.sequence_parallel
+        hidden = output_BSx
+        if sequence_parallel:  # [B, S/tp, H] shard -> [B, S, H]; backward reduce-scatters
+            hidden = gather_dim0(hidden.transpose(0, 1), self.groups.tp).transpose(0, 1)
+        return StudentOutput(
+            hidden=hidden.reshape(-1, hidden.shape[-1]),
+            weight=output_weight(self.model),
+            sequence_parallel=sequence_parallel,
+        )
+
+    def student_loss(self, student: StudentOutput, labels_N, teacher, spec, mask_N) -> tuple:
+        """(differentiable sum_t mask_t loss_t, per-token values (detached)) of either path.
+
+        Collective over the student's tp group.
+        """
+        common = dict(impl=self.loss_impl, metrics=self.metrics)
+        if student.logits is not None:
+            if isinstance(teacher, HiddenTeacher):  # the logits path makes its logits whole
+                teacher = DenseTeacher(teacher.logits(0, teacher.hidden.shape[0]))
+            out = distillation_loss(
+                student.logits,
+                labels_N,
+                teacher,
+                spec,
+                self.vocab,
+                self.groups.tp,
+                chunk_tokens=self.cfg.loss.chunk_tokens,
+                check_inputs=self.cfg.loss.check_inputs,
+                **common,
+            )
+            return (out["loss"] * mask_N).sum(), {k: v.detach() for k, v in out.items()}
+        out = fused_linear_distillation_loss(
+            student.hidden,
+            student.weight,
+            labels_N,
+            mask_N,
+            teacher,
+            spec,
+            self.vocab,
+            self.groups.tp,
+            sequence_parallel=student.sequence_parallel,
+            check_inputs=self.cfg.loss.check_inputs,
+            **common,
+        )
+        return out.pop("weighted"), out
+
+    def loss_terms(self, student: StudentOutput, batch: dict, mask_N) -> tuple:
+        """(differentiable masked loss sum, per-token terms) of one micro-batch.
 
         The LM module has one term; the distillation module overrides this.
         """
-        labels_N = batch["labels"].reshape(-1)
-        out = distillation_loss(
-            logits_BSv.reshape(-1, logits_BSv.shape[-1]),
-            labels_N,
-            None,
-            _LM_ONLY,
-            self.vocab,
-            self.groups.tp,
-            impl=self.loss_impl,
-            chunk_tokens=self.cfg.loss.chunk_tokens,
-            check_inputs=self.cfg.loss.check_inputs,
+        loss_sum, out = self.student_loss(
+            student, batch["labels"].reshape(-1), None, _LM_ONLY, mask_N
         )
-        return {"loss": out["loss"], "lm_loss": out["lm"]}
+        return loss_sum, {"loss": out["loss"], "lm_loss": out["lm"]}
 
     def train_sample_offset(self) -> int:
         """Where this run's training data starts (in samples of the train split)."""
@@ -192,24 +257,19 @@ class TrainModule:
             dist.get_rank(self.groups.dp),
         )
 
-    def _loss_func(self, batch: dict, logits_BSv: torch.Tensor):
+    def _loss_func(self, batch: dict, output_BSx: torch.Tensor):
+        student = self.student_output(output_BSx)
         if self.recorder is not None and self.model.training:
-            self.recorder.record(
-                logits_BSv.reshape(-1, logits_BSv.shape[-1]), batch["sample_ids"], self.step + 1
-            )
-        terms = self.loss_terms(logits_BSv, batch)
-        if self.capture is not None:  # per-token values, for tests and debugging
-            self.capture.append(
-                {
-                    "microbatch": batch.get("microbatch"),
-                    **{name: value.detach() for name, value in terms.items()},
-                }
-            )
+            self.recorder.record(student, batch["sample_ids"], self.step + 1)
         mask_N = batch["loss_mask"].reshape(-1).float()
-        loss_sum = (terms["loss"] * mask_N).sum()
+        loss_sum, terms = self.loss_terms(student, batch, mask_N)
+        if self.capture is not None:  # per-token values, for tests and debugging
+            self.capture.append({"microbatch": batch.get("microbatch"), **terms})
+        report = {name: (value * mask_N).sum() for name, value in terms.items()}
+        report["tokens"] = mask_N.sum()
+        if any(name in terms for name in METRIC_TERMS):
+            report["metric_tokens"] = report["tokens"] * float(self.metrics)
         num_tokens = mask_N.sum().to(torch.int)
-        report = {name: (value * mask_N).sum().detach() for name, value in terms.items()}
-        report["tokens"] = mask_N.sum().detach()
         return loss_sum, num_tokens, report
 
     def _to_device(self, batch: dict) -> dict:
@@ -222,8 +282,9 @@ class TrainModule:
 
     def _forward_step(self, data_iterator, model):
         batch = self._to_device(next(data_iterator))
-        logits_BSv = model(batch["tokens"], batch["position_ids"], self._attention_mask)
-        return logits_BSv, functools.partial(self._loss_func, batch)
+        with hidden_output(model, self.fused_output):  # last stage: hidden states, no logits
+            output = model(batch["tokens"], batch["position_ids"], self._attention_mask)
+        return output, functools.partial(self._loss_func, batch)
 
     # ----------------------------------------------------------------- steps
     def _run_schedule(self, microbatches: list, forward_only: bool) -> list:
@@ -301,8 +362,13 @@ def _broadcast_names(names: list, pp_group, pp_size: int) -> list:
 
 def _result(totals: dict, grad_norm, skipped: bool) -> StepResult:
     tokens = totals.get("tokens", 0.0)
-    denominator = max(tokens, 1.0)
-    means = {k: v / denominator for k, v in totals.items() if k != "tokens"}
+    metric_tokens = totals.pop("metric_tokens", tokens)
+    means = {k: v / max(tokens, 1.0) for k, v in totals.items() if k != "tokens"}
+    for name in METRIC_TERMS:  # computed on metric steps only: absent on the others
+        if name in means:
+            means[name] = totals[name] / metric_tokens if metric_tokens else None
+            if means[name] is None:
+                del means[name]
     loss = means.pop("loss", float("nan"))
     return StepResult(
         loss=loss,

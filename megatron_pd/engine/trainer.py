@@ -188,7 +188,12 @@ class Trainer:
             )
         return {"loss": loss, "chance": chance}
 
+    def _metric_step(self, step: int) -> bool:
+        """Whether train step ``step`` (1-based) computes the costly distillation metrics."""
+        return step % self.cfg.logging.metrics_interval == 0 or step == self.total_steps
+
     def evaluate(self, logger: MetricsLogger) -> dict:
+        self.module.metrics = True
         totals, tokens = {}, 0
         gbs = self.cfg.train.global_batch_size
         for index in range(self.cfg.train.eval_batches):
@@ -233,6 +238,7 @@ class Trainer:
                 scheduled = self.schedules(self.step)
                 lr = scheduled.pop("lr")
                 self.module.step = self.step
+                self.module.metrics = self._metric_step(self.step + 1)
                 with Stopwatch() as watch:
                     result = self.module.train_step(batches, lr, **scheduled)
                 self.step += 1

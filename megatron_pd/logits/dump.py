@@ -157,10 +157,8 @@ def dump_teacher_logits(
             for start in range(0, len(members), batch):
                 chunk = members[start : start + batch]
                 tokens = torch.stack([ids.sample(g)["tokens"] for g in chunk])
-                logits = teacher.logits(tokens)
+                kept = _kept_entries(teacher, tokens, spec, cfg.loss.fused_output_layer)
                 if teacher.is_last_stage:
-                    flat = logits.reshape(-1, logits.shape[-1])
-                    kept = truncate_vocab_parallel(flat, teacher.vocab, spec, groups.tp)
                     if is_writer:
                         kept_ids = kept.indices.view(len(chunk), -1, spec.slots).cpu().numpy()
                         kept_lp = kept.logprobs.view(len(chunk), -1, spec.slots).cpu().numpy()
@@ -193,6 +191,18 @@ def dump_teacher_logits(
         dist.barrier()
         summary[split_name] = _finish(writer, num_shards, rank, meter)
     return summary
+
+
+def _kept_entries(teacher, tokens_BS, spec: TruncationSpec, fused: bool):
+    """Top-p-k of the teacher on a batch (its last stage; None elsewhere): from its hidden
+    states chunk by chunk (``fused``), or from its full logits."""
+    if fused:
+        return teacher.kept_entries(tokens_BS, spec)
+    logits = teacher.logits(tokens_BS)
+    if logits is None:
+        return None
+    flat = logits.reshape(-1, logits.shape[-1])
+    return truncate_vocab_parallel(flat, teacher.vocab, spec, teacher.groups.tp)
 
 
 def _start_or_resume(split_dir: str, header: F.StoreHeader) -> None:

@@ -22,7 +22,11 @@ import torch.distributed as dist
 
 from megatron_pd.logits import store_format as F
 from megatron_pd.logits.store import StoreWriter
-from megatron_pd.logits.truncation import TruncationSpec, truncate_vocab_parallel
+from megatron_pd.logits.truncation import (
+    TruncationSpec,
+    truncate_hidden_vocab_parallel,
+    truncate_vocab_parallel,
+)
 
 _SHARD = re.compile(r"^shard_r(\d+)_s(\d+)-(\d+)\.pd$")
 
@@ -51,9 +55,24 @@ class LogitRecorder:
             header.write(self.split_dir)
         dist.barrier()
 
-    def record(self, logits_Nv, sample_ids, step: int) -> None:
-        """Truncate this micro-batch's logits (collective over tp) and buffer them."""
-        kept = truncate_vocab_parallel(logits_Nv.detach(), self.vocab, self.spec, self.tp_group)
+    def record(self, student, sample_ids, step: int) -> None:
+        """Truncate this micro-batch's output (collective over tp) and buffer it.
+
+        ``student`` is the train step's StudentOutput: logits [N, v], or (fused output
+        layer) hidden states [N, H] with the output weight shard, truncated chunk by chunk.
+        """
+        if student.logits is not None:
+            kept = truncate_vocab_parallel(
+                student.logits.detach(), self.vocab, self.spec, self.tp_group
+            )
+        else:
+            kept = truncate_hidden_vocab_parallel(
+                student.hidden.detach(),
+                student.weight.detach(),
+                self.vocab,
+                self.spec,
+                self.tp_group,
+            )
         if not self.is_writer:
             return
         samples = len(sample_ids)

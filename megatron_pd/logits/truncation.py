@@ -242,21 +242,61 @@ def truncate_vocab_parallel(
     with S the mass below the maximum summed directly, so a confident teacher's top entry
     is -r rather than 0, and log r is exact (not 1 - kept mass).
     """
+    valid = vocab.valid_in_shard
+    chunk = chunk_tokens or max(1, 2**26 // max(valid, 1))
+
+    def block(start: int, end: int) -> torch.Tensor:
+        return teacher_logits_Nv[start:end, :valid]
+
     num_tokens = teacher_logits_Nv.shape[0]
+    return _truncate_blocks(num_tokens, block, chunk, vocab, spec, tp_group, teacher_logits_Nv)
+
+
+def truncate_hidden_vocab_parallel(
+    hidden_NH: torch.Tensor,
+    weight_vH: torch.Tensor,
+    vocab: VocabInfo,
+    spec: TruncationSpec,
+    tp_group,
+    chunk_tokens: int | None = None,
+) -> SparseTeacher:
+    """Top-p-k straight from a model's final hidden states [N, H] and this rank's vocab shard
+    of its output weight [v, H]: the logits h W^T are made ``chunk_tokens`` rows at a time
+    (default: [C, v] of about 2^24 elements) and never exist whole. The same entries as
+    ``truncate_vocab_parallel`` of the full logits (each row's logits are the same GEMM
+    row); collective: one all-gather over ``tp_group``."""
+    valid = vocab.valid_in_shard
+    if hidden_NH.shape[-1] != weight_vH.shape[-1] or weight_vH.shape[0] < valid:
+        raise ValueError(
+            f"hidden states {tuple(hidden_NH.shape)} and output weight "
+            f"{tuple(weight_vH.shape)} do not fit a vocab shard of {valid} columns"
+        )
+    chunk = chunk_tokens or max(1, 2**24 // max(weight_vH.shape[0], 1))
+
+    def block(start: int, end: int) -> torch.Tensor:
+        # the output layer's own product (all padded rows included), then the valid columns
+        return (hidden_NH[start:end] @ weight_vH.t())[:, :valid]
+
+    return _truncate_blocks(hidden_NH.shape[0], block, chunk, vocab, spec, tp_group, hidden_NH)
+
+
+def _truncate_blocks(num_tokens, block, chunk, vocab, spec, tp_group, like) -> SparseTeacher:
+    """Local candidates of the row blocks ``block(start, end)`` [C, v], one all-gather, the
+    exact float64 merge and the top-p-k cut (see truncate_vocab_parallel)."""
     valid = vocab.valid_in_shard
     slots = spec.slots
     k_local = min(slots, valid)
     width = 2 * slots + 2
-    rows = torch.empty(num_tokens, width, device=teacher_logits_Nv.device)
+    rows = torch.empty(num_tokens, width, device=like.device)
     rows[:, :slots] = -math.inf
     rows[:, slots : 2 * slots] = -1.0  # candidate ids (as floats, exact below 2^24)
     rows[:, -2] = NEG
     rows[:, -1] = 0.0
-    chunk_tokens = chunk_tokens or max(1, 2**26 // max(valid, 1))
-    for start in range(0, num_tokens if valid else 0, chunk_tokens):
-        end = min(start + chunk_tokens, num_tokens)
-        block = teacher_logits_Nv[start:end, :valid].float()
-        values, local_ids, rest_max, rest_sum = _local_candidates(block, k_local)
+    for start in range(0, num_tokens if valid else 0, chunk):
+        end = min(start + chunk, num_tokens)
+        values, local_ids, rest_max, rest_sum = _local_candidates(
+            block(start, end).float(), k_local
+        )
         if torch.isnan(values[:, 0]).any():  # topk ranks NaN first: one cheap check
             row = start + int(torch.isnan(values[:, 0]).nonzero()[0, 0])
             raise ValueError(f"teacher logits are NaN at token row {row} (tp rank {vocab.tp_rank})")

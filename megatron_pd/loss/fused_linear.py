@@ -37,7 +37,7 @@ import torch
 
 from megatron_pd.loss import vocab_parallel as VP
 from megatron_pd.loss.spec import DenseTeacher, LossSpec, SparseTeacher
-from megatron_pd.parallel.collectives import copy_to_group, gather_dim0
+from megatron_pd.parallel.collectives import copy_to_group
 from megatron_pd.parallel.vocab import VocabInfo
 
 
@@ -182,16 +182,15 @@ def fused_linear_distillation_loss(
     "teacher_entropy", "agree", "kept" ([N], detached)} from hidden states.
 
     Collective over ``tp_group`` (per chunk one all-gather, JSD one all-reduce more; one
-    all-reduce of dL/dh in backward; with ``sequence_parallel`` an all-gather of h first).
-    ``weight_vH`` is this rank's [shard_size, H] vocab shard of the output weight.
+    all-reduce of dL/dh in backward unless ``sequence_parallel``: then ``hidden_NH`` is the
+    output of ``gather_dim0`` and its backward does the reduction). ``weight_vH`` is this
+    rank's [shard_size, H] vocab shard of the output weight.
     """
     from megatron_pd.loss.objective import announce, resolve_implementation
     from megatron_pd.loss.spec import check_inputs as validate_inputs
 
     impl = resolve_implementation(impl)
     announce(impl, "fused output layer")
-    if sequence_parallel:
-        hidden_NH = gather_dim0(hidden_NH, tp_group)
     if hidden_NH.dim() != 2 or weight_vH.dim() != 2 or hidden_NH.shape[1] != weight_vH.shape[1]:
         raise ValueError(
             f"hidden states {tuple(hidden_NH.shape)} and output weight {tuple(weight_vH.shape)} "

@@ -11,6 +11,7 @@ Shape legend: B batch, S sequence, V padded vocab, v this rank's vocab shard.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -221,3 +222,61 @@ def seed_rngs(seed: int, tp_rank: int) -> None:
     model_parallel_cuda_manual_seed(
         seed, tp_rank=tp_rank, ep_rank=0, etp_rank=0, force_reset_rng=True
     )
+
+
+class HiddenOutput:
+    """Lets a GPTModel's last stage return its final hidden states instead of logits.
+
+    The output layer is the model's last operation; with ``hidden_output(gpt)`` active the
+    model skips it and returns the (final-norm) hidden states [B, S, H] where it would return
+    logits [B, S, v] (with sequence parallelism: this rank's [B, S/tp, H] sequence shard), so a
+    fused output layer + loss (loss/fused_linear.py) can take them with ``output_weight(gpt)``.
+    The switch is per model instance (the output layer's bound ``forward``); parameters and
+    state-dict keys are unchanged. Outside the context the model computes logits as before.
+    """
+
+    def __init__(self, output_layer):
+        self.output_layer = output_layer
+        self.active = False
+        self._original = output_layer.forward
+        output_layer.forward = self._forward
+
+    def _forward(self, hidden_states, *args, **kwargs):
+        if self.active:
+            return hidden_states, None
+        return self._original(hidden_states, *args, **kwargs)
+
+
+def _unwrap(model):
+    """The GPTModel inside megatron's DDP (and Float16Module) wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+@contextmanager
+def hidden_output(model, enabled: bool = True):
+    """While active, ``model`` (a GPTModel, optionally DDP-wrapped) returns its final hidden
+    states instead of logits on its last stage (see HiddenOutput); a no-op elsewhere."""
+    gpt = _unwrap(model)
+    layer = getattr(gpt, "output_layer", None) if gpt.post_process else None
+    if not enabled or layer is None:
+        yield
+        return
+    switch = getattr(layer, "_hidden_switch", None)
+    if switch is None:
+        switch = layer._hidden_switch = HiddenOutput(layer)
+    switch.active = True
+    try:
+        yield
+    finally:
+        switch.active = False
+
+
+def output_weight(model) -> torch.Tensor:
+    """This rank's [v, H] vocab shard of the output weight: the output layer's own, or the
+    word embedding's when they are tied (on the last stage: megatron's synced copy)."""
+    gpt = _unwrap(model)
+    if gpt.share_embeddings_and_output_weights:
+        return gpt.shared_embedding_or_output_weight()
+    return gpt.output_layer.weight

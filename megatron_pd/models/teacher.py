@@ -20,7 +20,13 @@ import torch
 import torch.distributed as dist
 
 from megatron_pd.config.schema import ModelConfig
-from megatron_pd.models.gpt import build_gpt_model, causal_attention_mask, seed_rngs
+from megatron_pd.models.gpt import (
+    build_gpt_model,
+    causal_attention_mask,
+    hidden_output,
+    output_weight,
+    seed_rngs,
+)
 from megatron_pd.models.init import sharding_metadata
 from megatron_pd.parallel.vocab import VocabInfo
 
@@ -259,12 +265,46 @@ class FrozenTeacher:
 
         Collective over the teacher's tp (and pp) groups.
         """
+        return self._forward(tokens_BS, hidden=False)
+
+    @torch.no_grad()
+    def hidden(self, tokens_BS: torch.Tensor) -> torch.Tensor | None:
+        """The teacher's final (normed) hidden states [B, S, H] on its last stage (None
+        elsewhere): what its output layer would turn into logits with ``output_weight``.
+        Collective over the teacher's tp (and pp) groups."""
+        return self._forward(tokens_BS, hidden=True)
+
+    def output_weight(self) -> torch.Tensor:
+        """This rank's [v, H] vocab shard of the teacher's output weight (last stage)."""
+        return output_weight(self.model)
+
+    @torch.no_grad()
+    def kept_entries(self, tokens_BS, spec, chunk_tokens: int | None = None):
+        """Top-p-k entries [B * S, K] (a SparseTeacher, the same on every teacher tp rank) of
+        the last stage, made from the hidden states chunk by chunk: the full [B, S, v]
+        logits never exist. None on other stages. Collective over the teacher's groups."""
+        from megatron_pd.logits.truncation import truncate_hidden_vocab_parallel
+
+        hidden = self.hidden(tokens_BS)
+        if hidden is None:
+            return None
+        return truncate_hidden_vocab_parallel(
+            hidden.reshape(-1, hidden.shape[-1]),
+            self.output_weight(),
+            self.vocab,
+            spec,
+            self.groups.tp,
+            chunk_tokens,
+        )
+
+    def _forward(self, tokens_BS: torch.Tensor, hidden: bool) -> torch.Tensor | None:
         tokens_BS = tokens_BS.to(self.device)
         batch, seq = tokens_BS.shape
         positions = torch.arange(seq, device=self.device).expand(batch, seq)
         mask = causal_attention_mask(seq, self.device)
         if self.pp_size == 1:
-            return self.model(tokens_BS, positions, mask)
+            with hidden_output(self.model, hidden):
+                return self.model(tokens_BS, positions, mask)
         from megatron.core.pipeline_parallel import get_forward_backward_func
         from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 
@@ -272,13 +312,14 @@ class FrozenTeacher:
 
         def forward_step(data_iterator, model):
             tokens = next(data_iterator)
-            logits = model(tokens, positions, mask)
+            with hidden_output(model, hidden):
+                output = model(tokens, positions, mask)
 
             def keep(output):
-                out["logits"] = output
+                out["output"] = output
                 return output.sum() * 0.0, torch.tensor(1), {}
 
-            return logits, keep
+            return output, keep
 
         schedule = get_forward_backward_func(pp_size=self.pp_size)
         schedule(
@@ -292,7 +333,7 @@ class FrozenTeacher:
             pg_collection=self.groups,
             p2p_communicator=P2PCommunicator(self.groups.pp, self.model.config),
         )
-        return out.get("logits")
+        return out.get("output")
 
     @torch.no_grad()
     def lm_loss(self, tokens_BS, labels_BS, loss_mask_BS) -> tuple | None:

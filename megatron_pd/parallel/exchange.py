@@ -8,11 +8,15 @@ data-parallel ranks, each with its own micro-batch. Per micro-batch:
    keeps one copy per student DP index: the union U (``union_dp`` order).
 2. The teacher runs once on U; its last pipeline stage holds [|U|*B, S, V_t/tp_t] logits
    (and, with truncation, the same kept entries on every teacher tp rank).
-3. ``exchange_dense`` / ``exchange_sparse`` send every student loss rank (student last
-   stage) exactly its own B samples, in the *student's* vocab layout: for dense, the overlap
-   of each teacher vocab shard with the student's shard (true vocabulary only); for sparse,
-   the kept entries from one teacher tp rank. Point-to-point (batched isend/irecv); a
-   transfer to oneself is a local copy.
+3. ``exchange_dense`` / ``exchange_sparse`` / ``exchange_hidden`` send every student loss
+   rank (student last stage) exactly its own B samples, in the *student's* vocab layout: for
+   dense, the overlap of each teacher vocab shard with the student's shard (true vocabulary
+   only); for sparse, the kept entries from one teacher tp rank; for hidden, the teacher's
+   final hidden states [B, S, H_t] from one teacher tp rank - the loss rank then makes the
+   teacher's logits itself from the rows of the teacher's output weight for its own vocab
+   shard, which ``exchange_weight_rows`` moved once, at start (the same column arithmetic as
+   dense, applied to weight rows). Point-to-point (batched isend/irecv); a transfer to
+   oneself is a local copy.
 
 ``ExchangePlan`` is pure layout arithmetic (no communication), so it is tested for any world
 size; the same-layout case degenerates to local copies of identical vocab shards.
@@ -53,13 +57,19 @@ class ExchangePlan:
         teacher_padded: int,
         mode: str,
     ):
-        if mode not in ("dense", "sparse"):
-            raise ValueError(f"exchange mode {mode!r}: must be dense or sparse")
+        if mode not in ("dense", "sparse", "hidden"):
+            raise ValueError(f"exchange mode {mode!r}: must be dense, sparse or hidden")
         self.world_size, self.student, self.teacher, self.mode = world_size, student, teacher, mode
         self.true_vocab = true_vocab
         self.student_shard = student_padded // student.tp
         self.teacher_shard = teacher_padded // teacher.tp
-        self.transfers = [t for r in range(world_size) for t in self._receives(r)]
+        self.transfers = [t for r in range(world_size) for t in self._receives(r, mode)]
+        # hidden mode: the teacher output weight's rows, moved once like dense columns
+        self.row_transfers = (
+            [t for r in range(world_size) for t in self._receives(r, "dense")]
+            if mode == "hidden"
+            else []
+        )
 
     def replica(self, rank: int) -> list:
         """Ranks of ``rank``'s teacher model-parallel replica."""
@@ -76,7 +86,7 @@ class ExchangePlan:
     def is_teacher_output_rank(self, rank: int) -> bool:
         return self.teacher.coords(rank)["pp"] == self.teacher.pp - 1
 
-    def _receives(self, rank: int) -> list:
+    def _receives(self, rank: int, mode: str) -> list:
         if not self.is_loss_rank(rank):
             return []
         coords = self.student.coords(rank)
@@ -84,7 +94,7 @@ class ExchangePlan:
         e = self.teacher.coords(rank)["dp"]
         slot = self.union_dp(rank).index(d)
         last = self.teacher.pp - 1
-        if self.mode == "sparse":
+        if mode in ("sparse", "hidden"):  # every teacher tp rank holds the whole payload
             src = self.teacher.rank(j % self.teacher.tp, e, last)
             return [Transfer(src, rank, d, slot, None, None)]
         transfers = []
@@ -223,6 +233,67 @@ def exchange_sparse(
         for piece in result:
             ops.append(dist.P2POp(dist.irecv, piece, t.src))
     _run_p2p(ops)
+    return result
+
+
+def exchange_hidden(
+    plan: ExchangePlan,
+    rank: int,
+    hidden,
+    batch: int,
+    seq: int,
+    width: int,
+    dtype,
+    device,
+    counter: dict | None = None,
+):
+    """Student loss ranks get their samples' teacher hidden states [B, S, H_t] (others None).
+
+    ``hidden`` [|U| * B, S, H_t] on teacher output ranks. Collective over the world (p2p).
+    """
+    ops, keep, result = [], [], None
+    for t in plan.sends(rank):
+        rows = slice(t.union_slot * batch, (t.union_slot + 1) * batch)
+        piece = hidden[rows].to(dtype).contiguous()
+        if t.dst == rank:
+            result = piece
+            continue
+        keep.append(piece)
+        ops.append(dist.P2POp(dist.isend, piece, t.dst))
+        _count(counter, piece)
+    for t in plan.receives(rank):
+        if t.src != rank:
+            result = torch.empty(batch, seq, width, dtype=dtype, device=device)
+            ops.append(dist.P2POp(dist.irecv, result, t.src))
+    _run_p2p(ops)
+    return result
+
+
+def exchange_weight_rows(plan: ExchangePlan, rank: int, weight_vH, width: int, dtype, device):
+    """Student loss ranks get the rows of the teacher's output weight for their student vocab
+    shard: [v_s, H_t], zero past the true vocabulary (others None).
+
+    ``weight_vH`` is the teacher output rank's own vocab shard [v_t, H_t]. Collective over
+    the world (p2p); done once, when the hidden-state exchange is set up.
+    """
+    ops, keep, result = [], [], None
+    if plan.is_loss_rank(rank):
+        result = torch.zeros(plan.student_shard, width, dtype=dtype, device=device)
+    for t in [t for t in plan.row_transfers if t.src == rank]:
+        piece = weight_vH[t.src_cols[0] : t.src_cols[1]].to(dtype).contiguous()
+        if t.dst == rank:
+            result[t.dst_cols[0] : t.dst_cols[1]] = piece
+            continue
+        keep.append(piece)
+        ops.append(dist.P2POp(dist.isend, piece, t.dst))
+    buffers = []
+    for t in [t for t in plan.row_transfers if t.dst == rank and t.src != rank]:
+        buffer = torch.empty(t.dst_cols[1] - t.dst_cols[0], width, dtype=dtype, device=device)
+        buffers.append((t, buffer))
+        ops.append(dist.P2POp(dist.irecv, buffer, t.src))
+    _run_p2p(ops)
+    for t, buffer in buffers:
+        result[t.dst_cols[0] : t.dst_cols[1]] = buffer
     return result
 
 

@@ -4,8 +4,12 @@ On 4 gloo ranks: student TP1/DP4 with teacher TP2/DP2 and TP4/DP1; student TP2/D
 teacher TP1/DP4 and TP4/DP1; student PP2 with teacher PP1; teacher PP2 with student PP1.
 For each, the per-token KD losses and the student's gradients (one SGD step, lr = 1) equal
 those of a one-rank run with the same teacher checkpoint and global batch - with the dense
-exchange (no truncation) and the sparse one (top-p-k). The teacher is padded differently from
-the student (vocab 509 -> 528 vs 512), so vocab shards overlap irregularly.
+exchange (no truncation), the sparse one (top-p-k) and the hidden-state one (the full
+distribution, made on the student's ranks from the teacher's hidden states). The layouts run
+the fused output layer on both sides (the teacher's kept entries from its hidden states, the
+student's loss from its hidden states); the one-rank reference runs the logits path. The
+teacher is padded differently from the student (vocab 509 -> 528 vs 512), so vocab shards
+overlap irregularly.
 """
 
 import pytest
@@ -29,7 +33,11 @@ TEACHER_SHAPE = [
 # order across ranks: ~1e-6 relative. Gradients as in test_parallel_parity.
 KD_ATOL = 1e-5
 GRAD_RTOL, GRAD_ATOL = 1e-4, 1e-6
-MODES = {"dense": [], "sparse": ["--distill.truncation=top-0.9-16"]}
+MODES = {
+    "dense": [],
+    "sparse": ["--distill.truncation=top-0.9-16"],
+    "hidden": ["--distill.exchange=hidden"],
+}
 
 
 def save_teacher(rank, world_size, root):
@@ -54,8 +62,9 @@ def teacher_checkpoint(tmp_path_factory):
     return root
 
 
-def distill_run(rank, world_size, student, teacher, checkpoint):
-    """Per-token KD losses (by global sample) and the gradient, for dense and sparse."""
+def distill_run(rank, world_size, student, teacher, checkpoint, fused=True):
+    """Per-token KD losses (by global sample), the gradient and the exchanged bytes per
+    token, for each exchange mode."""
     from megatron_pd.engine.distill_module import DistillTrainModule
     from megatron_pd.parallel import topology
 
@@ -64,6 +73,7 @@ def distill_run(rank, world_size, student, teacher, checkpoint):
         cfg = tiny_config(
             *student, *teacher, *TEACHER_SHAPE, *extra,
             f"--distill.teacher.load={checkpoint}", "--distill.loss=forward_kl",
+            f"--loss.fused_output_layer={str(fused).lower()}",
             "--distill.alpha.value=0.9", "--distill.tau.value=2.0",
         )
         dp = cfg.validate_for_world(world_size)
@@ -83,9 +93,15 @@ def distill_run(rank, world_size, student, teacher, checkpoint):
                     per_sample[first + b] = row
         module.capture = None
         before = gather_global_state(module.model)
-        module.train_step(batches, lr=1.0, alpha=0.9, tau=2.0)
+        module.metrics = False  # a step without the costly metrics reports none of them
+        result = module.train_step(batches, lr=1.0, alpha=0.9, tau=2.0)
+        assert "teacher_entropy" not in result.extras and "kd_loss" in result.extras
         after = gather_global_state(module.model)
-        out[mode] = {"kd": per_sample, "grads": {k: before[k] - after[k] for k in before}}
+        out[mode] = {
+            "kd": per_sample,
+            "grads": {k: before[k] - after[k] for k in before},
+            "bytes": result.extras["exchange_bytes_per_token"],
+        }
     return out
 
 
@@ -96,13 +112,13 @@ def merge(results):
         for result in results:
             kd.update(result[mode]["kd"])
         merged[mode] = {"kd": torch.stack([kd[i] for i in sorted(kd)]),
-                        "grads": results[0][mode]["grads"]}
+                        "grads": results[0][mode]["grads"], "bytes": results[0][mode]["bytes"]}
     return merged
 
 
 @pytest.fixture(scope="module")
 def reference(teacher_checkpoint):
-    return merge(run_distributed(distill_run, 1, [], [], teacher_checkpoint))
+    return merge(run_distributed(distill_run, 1, [], [], teacher_checkpoint, False))
 
 
 LAYOUTS = {
@@ -119,6 +135,8 @@ LAYOUTS = {
 def test_layout_matches_single_rank(layout, teacher_checkpoint, reference):
     student, teacher = LAYOUTS[layout]
     actual = merge(run_distributed(distill_run, 4, student, teacher, teacher_checkpoint))
+    if actual["dense"]["bytes"] > 0:  # the full distribution for fewer bytes (H_t < V)
+        assert actual["hidden"]["bytes"] < actual["dense"]["bytes"]
     for mode in MODES:
         expected = reference[mode]
         assert expected["kd"].abs().max() > 0

@@ -17,6 +17,7 @@ from megatron_pd.loss import triton_kernels
 from megatron_pd.loss.fused_linear import HiddenTeacher, fused_linear_distillation_loss
 from megatron_pd.loss.reference import reference_loss
 from megatron_pd.loss.spec import KD_KINDS, DenseTeacher, LossSpec, SparseTeacher
+from megatron_pd.parallel.collectives import gather_dim0
 from megatron_pd.parallel.vocab import VocabInfo
 
 TRUE_VOCAB, PADDED, TOKENS, HIDDEN, TEACHER_HIDDEN, KEEP, CHUNK = 97, 104, 14, 24, 20, 8, 5
@@ -88,7 +89,7 @@ def fused_cases(rank, world_size, cases, impl, sequence_parallel=False):
         if sequence_parallel:  # this rank's sequence shard of the hidden states
             per = TOKENS // world_size
             rows = slice(rank * per, min((rank + 1) * per, TOKENS))
-            h_in = h[rows]
+            h_in = gather_dim0(h[rows], dist.group.WORLD)
         log = []
         out = fused_linear_distillation_loss(
             h_in,

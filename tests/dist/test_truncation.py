@@ -122,3 +122,48 @@ def test_wider_truncation_than_stored_is_refused():
         TruncationSpec.parse("top-0.9-200"), have)
     assert "k=inf exceeds" in derivable_from(TruncationSpec.parse("top-0.9-inf"), have)
     assert "min_k=3 exceeds" in derivable_from(TruncationSpec.parse("top-0.9-50", min_k=3), have)
+
+
+HIDDEN = 6
+
+
+def integer_hidden_and_weight():
+    """Small-integer hidden states and output weight: every logit h . w is an exact integer
+    in fp32 whatever the GEMM's summation order, and many tie (as bf16 teachers' do)."""
+    g = torch.Generator().manual_seed(9)
+    hidden = torch.randint(-3, 4, (TOKENS, HIDDEN), generator=g).float()
+    weight = torch.randint(-2, 3, (PADDED, HIDDEN), generator=g).float()
+    return hidden, weight
+
+
+def from_hidden(rank, world_size, names):
+    from megatron_pd.logits.truncation import truncate_hidden_vocab_parallel
+
+    hidden, weight = integer_hidden_and_weight()
+    width = PADDED // world_size
+    vocab = VocabInfo(TRUE_VOCAB, PADDED, world_size, rank)
+    rows = weight[rank * width : (rank + 1) * width]
+    return [
+        truncate_hidden_vocab_parallel(
+            hidden, rows, vocab, spec_of(n), dist.group.WORLD, chunk_tokens=4
+        )
+        for n in names
+    ]
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_truncation_from_hidden_states_keeps_the_same_entries(world_size):
+    """The teacher's fused output layer + top-p-k (logits made 4 tokens at a time, never
+    whole) keeps exactly the entries, ties included, and log-probs of truncating the full
+    logits on one rank."""
+    results = run_distributed(from_hidden, world_size, SPECS)
+    hidden, weight = integer_hidden_and_weight()
+    logits = hidden @ weight.t()
+    assert (logits[:, :TRUE_VOCAB].unsqueeze(-1) == logits[:, None, :TRUE_VOCAB]).sum() > 2000
+    for index, name in enumerate(SPECS):
+        expected = truncate_dense(logits, TRUE_VOCAB, spec_of(name))
+        for rank in range(world_size):
+            actual = results[rank][index]
+            assert torch.equal(actual.indices, expected.indices), (name, rank)
+            torch.testing.assert_close(actual.logprobs, expected.logprobs, rtol=0, atol=1e-6)
+            torch.testing.assert_close(actual.log_tail, expected.log_tail, rtol=0, atol=1e-6)
