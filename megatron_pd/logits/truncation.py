@@ -139,6 +139,18 @@ def _warn_if_capped(logp_sorted_NK, counts_N, spec: TruncationSpec) -> None:
         )
 
 
+def _check_some_mass(top_N: torch.Tensor) -> None:
+    """A row whose largest logit is -inf has probability nowhere: an error, not an empty
+    row that claims nothing was dropped."""
+    empty = torch.isneginf(top_N)
+    if empty.any():
+        row = int(empty.nonzero()[0, 0])
+        raise ValueError(
+            f"teacher logits are -inf at every column of token row {row}: the teacher gives "
+            "it no probability anywhere"
+        )
+
+
 def _cut(ids_NC, logp_NC, log_rest_N, spec: TruncationSpec) -> SparseTeacher:
     """Keep the first counts of sorted candidates; log_tail from the rest (float64 inputs).
 
@@ -167,6 +179,7 @@ def truncate_dense(
     logits = teacher_logits_NV[:, :true_vocab].double()
     # stable descending sort: ties keep the lowest ids (order_entries' rule)
     values, ids = logits.sort(dim=-1, descending=True, stable=True)
+    _check_some_mass(values[:, 0])
     top = values[:, :1].clamp_min(NEG)
     # log-probs as (x - max) - log1p(mass below the maximum): the top entry is -r, not 0
     logp = values - top - torch.log1p((values[:, 1:] - top).exp().sum(-1, keepdim=True))
@@ -308,6 +321,7 @@ def _truncate_blocks(num_tokens, block, chunk, vocab, spec, tp_group, like) -> S
     values = gathered[..., :slots].permute(1, 0, 2).reshape(num_tokens, -1)
     ids = gathered[..., slots : 2 * slots].permute(1, 0, 2).reshape(num_tokens, -1).long()
     values, ids = order_entries(values, ids)
+    _check_some_mass(values[:, 0])
     top = values[:, :1].clamp_min(NEG)
     # log of each rank's rest mass relative to the maximum (-inf for an empty rest)
     rest = gathered[..., -2].t() - top + gathered[..., -1].t().log()

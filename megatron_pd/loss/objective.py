@@ -123,7 +123,9 @@ def distillation_loss(
     impl = resolve_implementation(impl)
     announce(impl)
     spec.check_teacher(teacher)
-    validate_inputs(student_logits_Nv, labels_N, teacher, spec, vocab, values=check_inputs)
+    validate_inputs(
+        student_logits_Nv, labels_N, teacher, spec, vocab, values=check_inputs, tp_group=tp_group
+    )
     if impl == "reference":
         return _reference(student_logits_Nv, labels_N, teacher, spec, vocab, tp_group)
     return fused_distill_loss(

@@ -59,8 +59,8 @@ class LossSpec:
             raise ValueError(f"loss kind {self.kind!r}: must be one of {', '.join(KD_KINDS)}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha={self.alpha}: must be in [0, 1]")
-        if not self.tau > 0.0:
-            raise ValueError(f"tau={self.tau}: must be > 0")
+        if not 0.0 < self.tau < math.inf:
+            raise ValueError(f"tau={self.tau}: must be finite and > 0")
         if not 0.0 < self.jsd_beta < 1.0:
             raise ValueError(f"jsd_beta={self.jsd_beta}: must be in (0, 1)")
 
@@ -162,12 +162,17 @@ def sparse_teacher_distribution(
     return q, r, log_r.to(dtype)
 
 
-def check_inputs(student_Nv, labels_N, teacher, spec: LossSpec, vocab, values: bool) -> None:
+def check_inputs(
+    student_Nv, labels_N, teacher, spec: LossSpec, vocab, values: bool, tp_group=None
+) -> None:
     """ValueError naming the tensor and shapes for input the loss would silently misread.
 
     Shape checks always (no data is read); with ``values`` also the contents: label range,
-    sparse ids in [-1, V) and unique per token, log-probs finite and <= 0 (a few reductions
-    over [N] and [N, K], nothing over the vocabulary). ``vocab`` is this rank's VocabInfo.
+    sparse ids in [-1, V) and unique per token, log-probs finite and <= 0, the tail mass
+    log r <= 0 and consistent with the kept mass (a few reductions over [N] and [N, K]); and
+    one pass over the logits: no NaN, no dense teacher row without probability anywhere (one
+    MAX all-reduce of [N] over ``tp_group``, which must then be given). ``vocab`` is this
+    rank's VocabInfo.
     """
     if teacher is not None and not isinstance(teacher, (DenseTeacher, SparseTeacher)):
         raise ValueError(
@@ -217,6 +222,42 @@ def check_inputs(student_Nv, labels_N, teacher, spec: LossSpec, vocab, values: b
             )
     if values:
         _check_values(labels_N, teacher, spec, vocab)
+        _check_logits(student_Nv, teacher, vocab, tp_group)
+
+
+def _check_logits(student_Nv, teacher, vocab, tp_group) -> None:
+    """NaN anywhere, or a dense teacher row that is -inf over the whole true vocabulary.
+
+    Per-row flags of every shard are combined by one MAX all-reduce over ``tp_group``, so all
+    ranks raise the same error (a rank raising alone would leave the others in a collective).
+    """
+    valid = vocab.valid_in_shard
+    rows = student_Nv.shape[0]
+    if student_Nv.device.type == "meta":  # shapes only (the fused output layer's probe)
+        student_nan = torch.zeros(rows, device="cpu")
+        device = "cpu"
+    else:
+        student_nan = torch.isnan(student_Nv[:, :valid]).any(-1).float()
+        device = student_Nv.device
+    flags = torch.stack([student_nan.to(device), torch.zeros(rows, device=device)], -1)
+    best = torch.full((rows,), math.inf, device=device)
+    if isinstance(teacher, DenseTeacher):
+        logits = teacher.logits[:, :valid]
+        flags[:, 1] = torch.isnan(logits).any(-1).float()
+        best = logits.float().amax(-1) if valid else torch.full((rows,), -math.inf, device=device)
+    combined = torch.cat([flags, best[:, None].float()], -1).contiguous()
+    if tp_group is not None and torch.distributed.get_world_size(tp_group) > 1:
+        torch.distributed.all_reduce(combined, op=torch.distributed.ReduceOp.MAX, group=tp_group)
+    for column, what in ((0, "student"), (1, "teacher")):
+        if combined[:, column].any():
+            row = int(combined[:, column].nonzero()[0, 0])
+            raise ValueError(f"{what} logits are NaN at token {row}")
+    if torch.isneginf(combined[:, 2]).any():
+        row = int(torch.isneginf(combined[:, 2]).nonzero()[0, 0])
+        raise ValueError(
+            f"teacher logits are -inf at every column of token {row}: the teacher gives it no "
+            "probability anywhere"
+        )
 
 
 def _check_values(labels_N, teacher, spec: LossSpec, vocab) -> None:
@@ -255,7 +296,34 @@ def _check_values(labels_N, teacher, spec: LossSpec, vocab) -> None:
             f"teacher log-probs must be finite and <= 0 (log-probabilities at tau = 1): found "
             f"{float(logp[row, slot])} at token {row}, slot {slot}"
         )
+    if teacher.log_tail is None:
+        return
+    log_tail = teacher.log_tail
+    if tuple(log_tail.shape) != (ids.shape[0],):
+        raise ValueError(
+            f"teacher log_tail has shape {tuple(log_tail.shape)}, need [tokens] = ({ids.shape[0]},)"
+        )
+    bad = torch.isnan(log_tail) | (log_tail > LOGPROB_SLACK)
+    if bad.any():
+        row = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"teacher log_tail (log of the dropped mass r) must be <= 0: found "
+            f"{float(log_tail[row])} at token {row}"
+        )
+    # the kept entries are log-probs under the full distribution: kept mass + r = 1
+    kept = torch.where(teacher.valid, logp.double(), torch.full_like(logp, -math.inf).double())
+    total = torch.logaddexp(torch.logsumexp(kept, -1), log_tail.double())
+    bad = teacher.valid.any(-1) & ~(total.abs() <= TAIL_SLACK)
+    if bad.any():
+        row = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"teacher log_tail {float(log_tail[row])} and the kept log-probs of token {row} "
+            f"do not add up to probability 1 (log of the sum: {float(total[row]):.4f})"
+        )
 
 
 # A stored log-prob may round a little above 0 (quantization, fp16): not a user error.
 LOGPROB_SLACK = 1e-3
+# kept mass + tail mass = 1 up to the store's 8-bit log-prob codes (half a step, 0.03 nats,
+# on each entry) and fp16 log r: 0.1 nats is far outside that and far inside a real mistake.
+TAIL_SLACK = 0.1

@@ -413,6 +413,18 @@ def bad_inputs(rank, world_size, impl, check_inputs):
     label_padded[4] = TRUE_VOCAB  # a padding column, outside the true vocabulary
     label_negative = labels.clone()
     label_negative[6] = -3
+    tail = torch.log1p(-logp.exp().sum(-1))  # consistent: kept mass + r = 1
+    positive_tail, nan_tail, wrong_tail = tail.clone(), tail.clone(), tail.clone()
+    positive_tail[2] = 0.75  # r > 1
+    nan_tail[4] = math.nan
+    wrong_tail[5] = -0.01  # r = 0.99 while the kept entries hold ~0.5
+    nowhere = teacher.clone()
+    nowhere[3] = -math.inf  # -inf on every rank's shard: no probability anywhere
+    nan_student = student.clone()
+    nan_student[1, 0] = math.nan
+    nan_teacher = teacher.clone()
+    nan_teacher[6, 1] = math.nan
+    tail_kl = LossSpec(kind="forward_kl", alpha=0.5, tail=True)
     cases = {
         "dense rows": (student, labels, DenseTeacher(teacher[:-1]), kl),
         "sparse rows": (student, labels, sparse(ids[:-1], logp[:-1]), kl),
@@ -430,7 +442,17 @@ def bad_inputs(rank, world_size, impl, check_inputs):
         "nan logprob": (student, labels, sparse(ids, nan_logp), kl),
         "label padded": (student, label_padded, None, LossSpec(alpha=0.0)),
         "label negative": (student, label_negative, None, LossSpec(alpha=0.0)),
+        "positive tail": (student, labels, SparseTeacher(ids, logp, positive_tail), tail_kl),
+        "nan tail": (student, labels, SparseTeacher(ids, logp, nan_tail), kl),
+        "inconsistent tail": (student, labels, SparseTeacher(ids, logp, wrong_tail), tail_kl),
+        "teacher nowhere": (student, labels, DenseTeacher(nowhere), kl),
+        "nan student": (student if rank else nan_student, labels, None, LossSpec(alpha=0.0)),
+        "nan teacher": (student, labels, DenseTeacher(nan_teacher), kl),
     }
+    if world_size > 1:  # -inf on one shard only is a legal (masked) row
+        partly = teacher.clone()
+        partly[3] = -math.inf if rank == 0 else partly[3]
+        cases["teacher on one shard"] = (student, labels, DenseTeacher(partly), kl)
     messages = {}
     for name, (s, lab, t, spec) in cases.items():
         try:
@@ -458,9 +480,16 @@ EXPECTED_ERRORS = {
     "nan logprob": "teacher log-probs must be finite and <= 0",
     "label padded": "labels must be ignore_index (-100) or in [0, 211): found 211",
     "label negative": "found -3",
+    "positive tail": "teacher log_tail (log of the dropped mass r) must be <= 0: found 0.75",
+    "nan tail": "must be <= 0: found nan at token 4",
+    "inconsistent tail": "do not add up to probability 1",
+    "teacher nowhere": "teacher logits are -inf at every column of token 3",
+    "nan teacher": "teacher logits are NaN at token 6",
+    "nan student": "student logits are NaN at token 1",  # one rank's shard: all ranks raise
 }
 VALUE_CHECKS = {"id too big", "id negative", "duplicate id", "positive logprob", "nan logprob",
-                "label padded", "label negative"}
+                "label padded", "label negative", "positive tail", "nan tail",
+                "inconsistent tail", "teacher nowhere", "nan teacher", "nan student"}
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -469,6 +498,19 @@ def test_bad_input_is_a_clear_error(impl):
         for name, want in EXPECTED_ERRORS.items():
             got = messages[name]
             assert got is not None and want in got, (name, got)
+        assert messages["teacher on one shard"] is None
+
+
+def test_tau_must_be_finite():
+    with pytest.raises(ValueError, match="tau=inf: must be finite and > 0"):
+        LossSpec(tau=math.inf)
+
+
+def test_truncating_a_row_without_probability_is_an_error():
+    logits = torch.randn(4, 30)
+    logits[2] = -math.inf
+    with pytest.raises(ValueError, match="-inf at every column of token row 2"):
+        truncate_dense(logits, 30, TruncationSpec.parse("top-0.95-5"))
 
 
 def test_value_checks_can_be_turned_off_but_shape_checks_cannot():
