@@ -53,6 +53,19 @@ def load_documents(source: str, tokenizer, json_key: str = "text", limit: int | 
     return docs
 
 
+def _as_flags(message: str) -> str:
+    """The model loader names config fields (it serves distillation too); here they are
+    this tool's flags."""
+    for field, flag in (
+        ("distill.teacher.load=", "--load "),
+        ("distill.teacher.tp=", "--tp "),
+        ("distill.teacher.pp=", "--pp "),
+        ("distill.teacher.precision=", "--precision "),
+    ):
+        message = message.replace(field, flag)
+    return message
+
+
 def open_model(load: str, tokenizer_path: str | None, tp: int, pp: int, precision: str, seq: int):
     """(FrozenTeacher, tokenizer, evaluation vocabulary) for ``load`` on this rank.
 
@@ -83,7 +96,8 @@ def open_model(load: str, tokenizer_path: str | None, tp: int, pp: int, precisio
     teacher, _ = open_teacher(
         config, groups, tokenizer.vocab_size, tokenizer.fingerprint, seq, dist.get_rank(groups.tp)
     )
-    rows = teacher.cfg.padded_vocab_size or tokenizer.vocab_size
+    # an imported model's own output rows (not the zero rows its checkpoint is padded with)
+    rows = teacher.cfg.hf_vocab_rows or teacher.cfg.padded_vocab_size or tokenizer.vocab_size
     vocab = teacher.vocab
     teacher.vocab = VocabInfo(int(rows), vocab.padded_size, vocab.tp_size, vocab.tp_rank)
     return teacher, tokenizer, teacher.vocab
@@ -187,7 +201,7 @@ def main(argv=None) -> int:
         evaluate(args)
     except ValueError as err:
         if rank == 0:
-            print(f"error: {err}", file=sys.stderr, flush=True)
+            print(f"error: {_as_flags(str(err))}", file=sys.stderr, flush=True)
         return 2
     finally:
         import torch.distributed as dist

@@ -50,7 +50,8 @@ FAMILIES = {
     "qwen2": ("Qwen2Config", dict(rope_theta=1000000.0)),
     "qwen3": ("Qwen3Config", dict(head_dim=24, rope_theta=1000000.0)),
     "mistral": ("MistralConfig", dict(sliding_window=None, rope_theta=1000000.0)),
-    "glm": ("GlmConfig", dict(head_dim=24, partial_rotary_factor=0.5, attention_bias=True)),
+    # a factor other than GlmConfig's default 0.5, so a default that hides it shows
+    "glm": ("GlmConfig", dict(head_dim=24, partial_rotary_factor=0.25, attention_bias=True)),
 }
 
 

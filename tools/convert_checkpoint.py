@@ -3,7 +3,7 @@
     python tools/convert_checkpoint.py hf-to-megatron --hf HF_DIR --out RUN_DIR \
         [--dtype bfloat16] [--keep-layers 0,2,4] [--seq-length 4096]
     python tools/convert_checkpoint.py megatron-to-hf --load RUN_OR_CKPT --out HF_DIR \
-        [--dtype bfloat16] [--shard-gb 4]
+        [--dtype float32|bfloat16] [--shard-gb 4]
 
 hf-to-megatron streams tensor by tensor (about one layer in memory) and writes config.yaml,
 the tokenizer and a model-only dist checkpoint that loads at any TP/PP (a teacher, evaluation,
@@ -41,7 +41,11 @@ def main(argv=None) -> int:
     to_hf = commands.add_parser("megatron-to-hf", help="run directory/checkpoint -> HF directory")
     to_hf.add_argument("--load", required=True, help="run directory, checkpoint root or iter dir")
     to_hf.add_argument("--out", required=True, help="the HF model directory to write")
-    to_hf.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
+    to_hf.add_argument(
+        "--dtype",
+        choices=("bfloat16", "float16", "float32"),
+        help="exported dtype (default: the checkpoint's own, so tensors round-trip exactly)",
+    )
     to_hf.add_argument("--shard-gb", type=float, default=4.0, help="largest safetensors file")
     args = parser.parse_args(argv)
     from megatron_pd.platform import quiet_known_warnings

@@ -93,6 +93,10 @@ class ModelConfig:
     """The Hugging Face architecture an export writes (set by an import, so a converted
     MistralForCausalLM exports as one); None: the one that expresses the model (Llama, Qwen2,
     Qwen3 or GLM)."""
+    hf_vocab_rows: Optional[int] = None
+    """The embedding rows of the Hugging Face model this one was imported from (its
+    config.json vocab_size): the checkpoint pads them with zero rows to a multiple of 128 so
+    it loads at any TP, and an export writes exactly these rows again."""
     padded_vocab_size: Optional[int] = None
     """Rows of the embedding and output layer when a checkpoint fixes them (an imported Hugging
     Face model's vocab_size, e.g. 152,064 for a 151,665-token tokenizer); None pads the true

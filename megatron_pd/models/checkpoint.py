@@ -341,6 +341,7 @@ def _shape_of(model_cfg) -> dict:
     shape.update(
         num_query_groups=model_cfg.query_groups,
         kv_channels=model_cfg.head_dim,
-        padded_vocab_size=model_cfg.padded_vocab_size,
+        # an imported model's HF rows (its checkpoint pads them to a multiple of 128)
+        vocab_rows=model_cfg.hf_vocab_rows or model_cfg.padded_vocab_size,
     )
     return shape

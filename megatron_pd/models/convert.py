@@ -37,6 +37,9 @@ from megatron_pd.models.hf_weights import HFLayout, SafetensorsIndex
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _ROWS_PER_CHUNK = 16384  # embedding/output chunks: 16k rows at a time
+# An imported embedding's rows are padded (zero rows, outside the vocabulary) to a multiple of
+# this, so the checkpoint divides into any tensor-parallel size up to 128 that is a power of 2.
+ROW_MULTIPLE = 128
 
 
 def _peak_rss_mb() -> float:
@@ -143,8 +146,13 @@ def import_hf(
         config, where, seq_length, tokenizer.vocab_size if tokenizer else None
     )
     index = SafetensorsIndex(hf_dir)
-    layout = HFLayout(model, family, int(model.padded_vocab_size))
+    hf_rows = int(model.padded_vocab_size)
+    layout = HFLayout(model, family, hf_rows)
     layout.check_complete(index)
+    from dataclasses import replace
+
+    padded = -(-hf_rows // ROW_MULTIPLE) * ROW_MULTIPLE
+    model = replace(model, padded_vocab_size=padded, hf_vocab_rows=hf_rows)
     hf_layers = list(range(model.num_layers))
     if keep_layers is not None:
         bad = [i for i in keep_layers if not 0 <= i < model.num_layers]
@@ -154,8 +162,6 @@ def import_hf(
                 f"(the model has {model.num_layers})"
             )
         hf_layers = list(keep_layers)
-        from dataclasses import replace
-
         model = replace(model, num_layers=len(hf_layers))
     store_dtype = _DTYPES.get(dtype or config.get("torch_dtype") or config.get("dtype") or "")
     store_dtype = store_dtype or torch.bfloat16
@@ -239,11 +245,14 @@ def resolve_run(load: str) -> tuple:
     return source.checkpoint, load_config(source.run_config)
 
 
-def export_hf(load: str, out_dir: str, dtype: str = "bfloat16", shard_bytes: int = 4 << 30) -> dict:
-    """Write ``out_dir`` as an HF model directory from a megatron_pd checkpoint."""
+def export_hf(
+    load: str, out_dir: str, dtype: str | None = None, shard_bytes: int = 4 << 30
+) -> dict:
+    """Write ``out_dir`` as an HF model directory from a megatron_pd checkpoint; ``dtype``
+    None keeps the checkpoint's own (exact)."""
     from megatron_pd.data.tokenizer import load_tokenizer
 
-    if dtype not in _DTYPES:
+    if dtype is not None and dtype not in _DTYPES:
         raise ValueError(f"dtype={dtype!r}: must be one of {', '.join(_DTYPES)}")
     start = time.monotonic()
     checkpoint, cfg = resolve_run(load)
@@ -253,12 +262,15 @@ def export_hf(load: str, out_dir: str, dtype: str = "bfloat16", shard_bytes: int
     true_vocab = model.vocab_size or (tokenizer.vocab_size if tokenizer else None)
     if true_vocab is None:
         raise ValueError("model.vocab_size is unset and the run has no data.tokenizer_model")
-    # an imported model keeps its rows; a model trained here drops megatron's padding rows
-    rows = int(model.padded_vocab_size or true_vocab)
+    # an imported model gets its own rows back; one trained here drops megatron's padding
+    rows = int(model.hf_vocab_rows or model.padded_vocab_size or true_vocab)
     from dataclasses import replace
 
     layout = HFLayout(replace(model, padded_vocab_size=rows), family, rows)
     source = dcp_io.CheckpointTensors(checkpoint)
+    if dtype is None:
+        stored = source.tensors["embedding.word_embeddings.weight"].properties.dtype
+        dtype = {v: k for k, v in _DTYPES.items()}.get(stored, "float32")
     target_dtype = _DTYPES[dtype]
     out_dir = os.path.abspath(out_dir)
     tmp = out_dir + ".tmp"

@@ -210,15 +210,39 @@ def write_checkpoint(checkpoint_dir: str, tensors: list, objects: dict, common: 
 
     writer = FileSystemWriter(tmp, single_file_per_rank=True, thread_count=1, sync_files=True)
     writer.per_thread_copy_ahead = 0  # resolve one chunk at a time
-    dcp.save(
-        {}, storage_writer=writer, planner=_StreamingSavePlanner(tensors, objects), no_dist=True
-    )
-    torch.save(common, os.path.join(tmp, "common.pt"))
-    with open(os.path.join(tmp, "metadata.json"), "w") as f:
-        json.dump(MEGATRON_METADATA, f)
+    try:
+        dcp.save(
+            {}, storage_writer=writer, planner=_StreamingSavePlanner(tensors, objects), no_dist=True
+        )
+        torch.save(common, os.path.join(tmp, "common.pt"))
+        with open(os.path.join(tmp, "metadata.json"), "w") as f:
+            json.dump(MEGATRON_METADATA, f)
+    except BaseException as err:  # nothing half-written stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        cause = _user_error(err)
+        if cause is not None:  # a tensor producer's ValueError, wrapped by the DCP writer
+            raise cause from None
+        raise
     if os.path.exists(checkpoint_dir):
         shutil.rmtree(checkpoint_dir)
     os.replace(tmp, checkpoint_dir)
+
+
+def _user_error(err: BaseException) -> ValueError | None:
+    """The ValueError (bad input, named by a producer) behind a checkpoint writer's error."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, ValueError):
+            return err
+        failures = getattr(err, "failures", None)  # torch's CheckpointException
+        if isinstance(failures, dict):
+            for failure in failures.values():
+                found = _user_error(failure)
+                if found is not None:
+                    return found
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def layer_chunks(shape: tuple) -> list:

@@ -146,7 +146,13 @@ def _rope(fields: _Fields) -> dict:
     merged = {**params, **scaling}
     theta = fields.get("rope_theta", merged.get("rope_theta", 10000.0))
     kind = merged.get("rope_type", merged.get("type", "default")) or "default"
-    partial = fields.get("partial_rotary_factor", merged.get("partial_rotary_factor", 1.0))
+    # the top-level field (hub layout), else rope_parameters' (transformers 5), else the
+    # class default: a default must not hide the value rope_parameters gives
+    partial = fields.config.get("partial_rotary_factor")
+    if partial is None:
+        partial = merged.get("partial_rotary_factor")
+    if partial is None:
+        partial = fields.get("partial_rotary_factor", 1.0)
     out = {"rotary_base": float(theta), "rotary_percent": float(partial)}
     if kind == "default":
         return out
@@ -166,8 +172,15 @@ def _rope(fields: _Fields) -> dict:
 def _check_sliding_window(fields: _Fields, family: Family, seq_length: int | None) -> None:
     window = fields.get("sliding_window")
     if family.model_type in ("qwen2", "qwen3"):
-        types = fields.get("layer_types") or []
-        sliding = fields.get("use_sliding_window", False) or "sliding_attention" in types
+        # transformers windows layer i when use_sliding_window and i >= max_window_layers
+        # (written out as layer_types by transformers 5)
+        types = fields.get("layer_types")
+        if types:
+            sliding = "sliding_attention" in types
+        else:
+            layers = fields.get("num_hidden_layers") or 0
+            first = int(fields.get("max_window_layers", 28))  # transformers' class default
+            sliding = bool(fields.get("use_sliding_window", False)) and first < layers
         if not sliding:
             return
     if window is None:
@@ -178,7 +191,8 @@ def _check_sliding_window(fields: _Fields, family: Family, seq_length: int | Non
         raise ValueError(
             f"{fields.where}: sliding_window={window} is active for sequences of {longest} "
             f"tokens ({name}); megatron_pd attends to the whole causal prefix: supported only "
-            "when the window is null or at least the sequence length"
+            "when the window is null or at least the sequence length (data.seq_length; the "
+            "tools' --seq-length)"
         )
 
 

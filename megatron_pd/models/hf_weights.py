@@ -294,17 +294,24 @@ class HFLayout:
         raise ValueError(f"megatron parameter {key} has no Hugging Face equivalent")
 
     def check_complete(self, index: SafetensorsIndex) -> None:
-        """ValueError naming the first tensor the model needs that the directory lacks."""
+        """ValueError naming the first tensor the model needs that the directory lacks, or
+        whose shape (from the safetensors headers: no data read) config.json contradicts."""
         wanted = dict(self.shapes())
         for layer in range(self.cfg.num_layers):
             wanted.update(self.shapes(layer))
         if self.cfg.tie_embeddings and index.has("lm_head.weight"):
             pass  # a tied checkpoint may still carry lm_head: it is ignored
-        for name in wanted:
+        for name, expected in wanted.items():
             if not index.has(name):
                 raise ValueError(
                     f"{index.model_dir} has no tensor {name} (config.json describes "
                     f"{self.family.architecture} with {self.cfg.num_layers} layers)"
+                )
+            shape = index.shape(name)
+            if shape != tuple(expected):
+                raise ValueError(
+                    f"{index.file_of[name]}: tensor {name} has shape {list(shape)}, config.json "
+                    f"implies {list(expected)}"
                 )
 
 

@@ -244,3 +244,46 @@ def test_lm_eval_backend_equals_the_hf_backend(hf_models, tmp_path):
         assert a["acc"] == b["acc"]
         for x, y in zip(a["resps"], b["resps"]):
             assert abs(float(x[0][0]) - float(y[0][0])) < 1e-3
+
+
+def test_odd_vocabulary_rows_convert_to_any_tp_and_back(hf_models, tmp_path):
+    """An HF embedding of 301 rows (odd) is padded with zero rows in the converted checkpoint,
+    which then loads at TP=2 with transformers' logits; the export (default dtype: the
+    checkpoint's own) gives back exactly the 301-row tensors."""
+    from safetensors.torch import load_file
+
+    hf_dir = str(tmp_path / "odd")
+    _hf.build_model("qwen3", hf_dir, hf_models["tokenizer"], vocab_size=301)
+    expected = _hf.hf_logits(hf_dir, hf_models["tokens"])
+    run_dir, back = tmp_path / "odd_run", tmp_path / "odd_back"
+    run_distributed(convert, 1, hf_dir, str(run_dir))
+    results = run_distributed(teacher_logits, 2, str(run_dir), hf_models["tokens"], 2, 1)
+    torch.testing.assert_close(results[0], expected, rtol=0, atol=LOGITS_ATOL)
+    summary = run_distributed(export, 1, str(run_dir), str(back), None)[0]
+    assert summary["rows"] == 301
+    original = load_file(os.path.join(hf_dir, "model.safetensors"))
+    index = json.loads((back / "model.safetensors.index.json").read_text())["weight_map"]
+    for name, tensor in original.items():
+        assert torch.equal(load_file(str(back / index[name]))[name], tensor), name
+    assert json.loads((back / "config.json").read_text())["vocab_size"] == 301
+
+
+def test_a_tensor_of_the_wrong_shape_is_named_before_anything_is_written(hf_models, tmp_path):
+    import subprocess
+    import sys
+
+    hf_dir = tmp_path / "wrong"
+    _hf.build_model("llama", str(hf_dir), hf_models["tokenizer"])
+    config = json.loads((hf_dir / "config.json").read_text())
+    config["intermediate_size"] = 80  # the tensors hold 96
+    (hf_dir / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "wrong_run"
+    tool = os.path.join(os.path.dirname(__file__), "..", "..", "tools", "convert_checkpoint.py")
+    done = subprocess.run(
+        [sys.executable, tool, "hf-to-megatron", "--hf", str(hf_dir), "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "down_proj.weight has shape [64, 96], config.json implies [64, 80]" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert not out.exists() or not any((out / "checkpoints").glob(".*tmp"))

@@ -90,7 +90,7 @@ def test_student_initialised_from_a_converted_model(hf_corpus, teachers, tmp_pat
     shape = load_config(os.path.join(converted, "config.yaml")).model
     model_args = [f"--model.{field}={getattr(shape, field)}" for field in (
         "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-        "num_query_groups", "padded_vocab_size", "tie_embeddings")]
+        "num_query_groups", "padded_vocab_size", "hf_vocab_rows", "tie_embeddings")]
     first = {}
     for name, source in (("converted", converted), ("hf", teachers["hf"])):
         run_dir = str(tmp_path / f"from_{name}")

@@ -148,8 +148,8 @@ def test_bad_hf_teachers_are_clear_errors(hf_models, tmp_path):
     cases[window] = "sliding_window=16 is active for sequences of 40 tokens"
     shape = copy("shape")
     _edit_config(shape, intermediate_size=80)
-    cases[shape] = "tensor model.layers.0.mlp.gate_proj.weight has shape [96, 64], config.json " \
-                   "implies [80, 64]"
+    cases[shape] = "tensor model.layers.0.mlp.down_proj.weight has shape [64, 96], config.json " \
+                   "implies [64, 80]"
     truncated = copy("truncated")
     weights = truncated / "model.safetensors"
     data = weights.read_bytes()

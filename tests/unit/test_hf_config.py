@@ -154,3 +154,41 @@ def test_mistral_v01_sliding_window_is_an_error():
 def test_unsupported_values_name_the_field(change, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
         model_config_from_hf(dict(LLAMA_31_8B, **change), "config.json")
+
+
+def test_glm_partial_rotary_factor_inside_rope_parameters(tmp_path):
+    """transformers 5 writes the factor inside rope_parameters; the class default (0.5) must
+    not hide it."""
+    config = {k: v for k, v in GLM4_9B.items() if k not in ("partial_rotary_factor", "rope_theta")}
+    config["rope_parameters"] = {
+        "rope_type": "default",
+        "rope_theta": 10000.0,
+        "partial_rotary_factor": 0.25,
+    }
+    model, _ = model_config_from_hf(config, "glm")
+    _, _, _, rope, _ = transformers_view(config, tmp_path)
+    assert model.rotary_percent == rope["partial_rotary_factor"] == 0.25
+
+
+@pytest.mark.parametrize(
+    "use, first_windowed, active",
+    [(False, 0, False), (True, 28, False), (True, 27, True), (True, 0, True)],
+)
+def test_qwen2_sliding_window_only_where_a_layer_uses_it(use, first_windowed, active, tmp_path):
+    """Qwen2 windows layer i when use_sliding_window and i >= max_window_layers (transformers'
+    own layer_types is the oracle); a window no layer uses is no error."""
+    config = dict(
+        QWEN25_7B,
+        use_sliding_window=use,
+        sliding_window=1024,
+        max_window_layers=first_windowed,
+    )
+    transformers = pytest.importorskip("transformers")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    types = transformers.AutoConfig.from_pretrained(str(tmp_path)).layer_types
+    assert ("sliding_attention" in types) == active
+    if active:
+        with pytest.raises(ValueError, match="sliding_window=1024 is active"):
+            model_config_from_hf(config, "qwen2", seq_length=4096)
+    else:
+        assert model_config_from_hf(config, "qwen2", seq_length=4096)[0].num_layers == 28
