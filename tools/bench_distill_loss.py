@@ -109,23 +109,6 @@ def run_fused(
 
 
 # ------------------------------------------------------------------ measurements
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM (peak RSS) to the current RSS
-        return True
-    except OSError:
-        return False
-
-
 class _AllocationCounter(torch.utils._python_dispatch.TorchDispatchMode):
     """Sums the bytes of every new storage an op returns (views, in-place and out= results
     write into existing memory and are not counted)."""
@@ -173,7 +156,7 @@ def measure_memory_child(args) -> dict:
         cols = slice(rank * width, (rank + 1) * width)
         inputs["student"] = inputs["student"][:, cols].clone()
         inputs["teacher"] = inputs["teacher"][:, cols].clone()
-    import gc
+    from megatron_pd.platform.peak_memory import PeakMemory
 
     def once():
         if args.impl == "eager":
@@ -205,17 +188,14 @@ def measure_memory_child(args) -> dict:
         else:
             run_fused(inputs, args.loss)
 
-    gc.collect()
-    before = _status_kb("VmRSS")
-    exact = _reset_peak()
-    once()
-    peak = _status_kb("VmHWM")
+    with PeakMemory() as peak:
+        once()
     counter = _AllocationCounter()  # a second, separate run counts the allocations
     with counter:
         once()
     return {
-        "extra_mb": (peak - before) / 1024,
-        "exact_peak": exact,
+        "extra_mb": peak.extra_mb,
+        "exact_peak": peak.exact,
         "alloc_bytes": counter.bytes,
         "elements": args.tokens * args.vocab // world,
     }

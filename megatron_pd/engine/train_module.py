@@ -153,6 +153,9 @@ class TrainModule:
         self._forward_backward = get_forward_backward_func(pp_size=self.pp_size)
         self._report_names = None
         self.fused_output = cfg.loss.fused_output_layer
+        # the gradient megatron's schedule sends into each micro-batch's loss sum (per-token
+        # losses: just the loss scale); the fused output layer adds dL/dW into main_grad with it
+        self._grad_scale = 1.0
         self.metrics = True  # the trainer turns the costly metrics on for some steps only
         self.capture: list | None = None
         self.recorder = None  # see enable_recording
@@ -205,6 +208,7 @@ class TrainModule:
             self.groups.tp,
             sequence_parallel=student.sequence_parallel,
             check_inputs=self.cfg.loss.check_inputs,
+            grad_scale=self._grad_scale,
             **common,
         )
         return out.pop("weighted"), out
@@ -330,6 +334,8 @@ class TrainModule:
         self.model.train()
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
+        one = torch.ones(1, device=self.device)
+        self._grad_scale = float(self.model_config.grad_scale_func(one))
         reports = self._run_schedule(microbatches, forward_only=False)
         updated, grad_norm, _ = self.optimizer.step()
         totals = self._reduce_reports(reports)

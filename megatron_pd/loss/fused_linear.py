@@ -77,6 +77,7 @@ class FusedLinearDistillFunction(torch.autograd.Function):
         impl: str,
         stats_log: list,
         needs_grad: bool,
+        main_grad_scale: float | None,
     ):
         num_tokens = hidden_NH.shape[0]
         device = hidden_NH.device
@@ -86,9 +87,15 @@ class FusedLinearDistillFunction(torch.autograd.Function):
         names = ("loss", "lm", "kd", "teacher_entropy", "agree", "kept")
         out = {name: torch.zeros(num_tokens, device=device) for name in names}
         grad_hidden = torch.zeros_like(hidden_NH) if needs_grad else None
-        grad_weight = (
-            torch.zeros(weight_vH.shape, dtype=torch.float32, device=device) if needs_grad else None
-        )
+        # dL/dW: straight into megatron DDP's fp32 main_grad (scaled now by what backward will
+        # receive), or into an fp32 accumulator that backward scales and returns
+        wants_wgrad = needs_grad and ctx.needs_input_grad[1]
+        into_main = wants_wgrad and main_grad_scale is not None
+        grad_weight, wgrad_alpha = None, 1.0
+        if into_main:
+            grad_weight, wgrad_alpha = weight_vH.main_grad, main_grad_scale
+        elif wants_wgrad:
+            grad_weight = torch.zeros(weight_vH.shape, dtype=torch.float32, device=device)
         weights = token_weights_N.to(torch.float32)
         for start, end in VP._chunks(num_tokens, chunk_tokens):
             rows = slice(start, end)
@@ -137,8 +144,15 @@ class FusedLinearDistillFunction(torch.autograd.Function):
             )
             del logits_Cv
             torch.mm(grad_Cv, weight_vH, out=grad_hidden[rows])
-            grad_weight.add_(grad_Cv.t().mm(hidden_NH[rows]))  # one rounding per chunk
-        ctx.save_for_backward(grad_hidden, grad_weight)
+            if grad_weight is not None:
+                _accumulate_wgrad(grad_weight, grad_Cv, hidden_NH[rows], wgrad_alpha)
+        if into_main:
+            weight_vH.grad_added_to_main_grad = True  # megatron DDP: do not add .grad again
+            ctx.main_grad_scale, ctx.weight = main_grad_scale, weight_vH
+            ctx.save_for_backward(grad_hidden)
+        else:
+            ctx.main_grad_scale = None
+            ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.dtypes = (hidden_NH.dtype, weight_vH.dtype)
         weighted = (out["loss"] * weights).sum()
         for name in names:
@@ -147,12 +161,45 @@ class FusedLinearDistillFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_weighted, *unused):
-        grad_hidden, grad_weight = ctx.saved_tensors
         hidden_dtype, weight_dtype = ctx.dtypes
         scale = grad_weighted.to(torch.float32)
-        dh = None if grad_hidden is None else (grad_hidden * scale).to(hidden_dtype)
-        dw = None if grad_weight is None else grad_weight.mul_(scale).to(weight_dtype)
-        return (dh, dw) + (None,) * 11
+        if ctx.main_grad_scale is not None:
+            (grad_hidden,) = ctx.saved_tensors
+            if float(scale) != ctx.main_grad_scale:
+                raise RuntimeError(
+                    f"fused output layer: the weight gradient went into main_grad scaled by "
+                    f"{ctx.main_grad_scale}, but backward received {float(scale)}"
+                )
+            dw = _dummy_wgrad(ctx.weight)
+            ctx.weight = None
+        else:
+            grad_hidden, grad_weight = ctx.saved_tensors
+            dw = None if grad_weight is None else grad_weight.mul_(scale).to(weight_dtype)
+        dh = None if grad_hidden is None else grad_hidden.mul_(scale.to(grad_hidden.dtype))
+        return (dh, dw) + (None,) * 12
+
+
+def _accumulate_wgrad(acc_vH, grad_Cv, hidden_CH, alpha: float) -> None:
+    """acc += alpha * grad^T h in fp32, in place: no [v, H] temporary (one rounding per
+    chunk). Low-precision inputs: fp32 output of the GEMM on CUDA, else an fp32 copy of the
+    chunk (O(chunk) memory)."""
+    if grad_Cv.dtype == acc_vH.dtype:
+        acc_vH.addmm_(grad_Cv.t(), hidden_CH, alpha=alpha)
+        return
+    if acc_vH.is_cuda:
+        torch.addmm(acc_vH, grad_Cv.t(), hidden_CH, alpha=alpha, out_dtype=acc_vH.dtype, out=acc_vH)
+        return
+    acc_vH.addmm_(grad_Cv.t().to(acc_vH.dtype), hidden_CH.to(acc_vH.dtype), alpha=alpha)
+
+
+def _dummy_wgrad(weight: torch.Tensor) -> torch.Tensor:
+    """What backward hands autograd for a weight whose gradient is already in main_grad:
+    megatron DDP's hook runs on it (and skips adding it, grad_added_to_main_grad) - unless
+    the weight is also used elsewhere on this stage (tied embeddings: zero_out_wgrad), where
+    autograd sums it with the other use's gradient and the hook adds the sum: then zeros."""
+    if getattr(weight, "zero_out_wgrad", False):
+        return torch.zeros_like(weight)
+    return torch.empty_like(weight)
 
 
 def _slice_prep(sparse: dict | None, start: int, end: int) -> dict | None:
@@ -177,9 +224,16 @@ def fused_linear_distillation_loss(
     sequence_parallel: bool = False,
     check_inputs: bool = True,
     collectives: list | None = None,
+    grad_scale: float | None = None,
 ) -> dict:
     """{"weighted" (differentiable scalar sum_t w_t loss_t), "loss", "lm", "kd",
     "teacher_entropy", "agree", "kept" ([N], detached)} from hidden states.
+
+    ``grad_scale``: the gradient that backward will receive for "weighted" (the loss scale,
+    when the caller's schedule sums per-token losses). Given it, and a weight with megatron
+    DDP's ``main_grad``, dL/dW goes straight into main_grad chunk by chunk (megatron's
+    gradient-accumulation fusion): no [v, H] gradient is ever allocated (a dummy is returned,
+    as megatron's own layers do). Backward raises if it receives another value.
 
     Collective over ``tp_group`` (per chunk one all-gather, JSD one all-reduce more; one
     all-reduce of dL/dh in backward unless ``sequence_parallel``: then ``hidden_NH`` is the
@@ -214,7 +268,9 @@ def fused_linear_distillation_loss(
                 f"does not match the student's {tuple(probe.shape)} tokens x vocab shard"
             )
         shape_teacher = None
-    validate_inputs(probe, labels_N, shape_teacher, spec, vocab, values=check_inputs)
+    validate_inputs(
+        probe, labels_N, shape_teacher, spec, vocab, values=check_inputs, tp_group=tp_group
+    )
     if impl == "reference":
         return _reference(
             hidden_NH,
@@ -248,6 +304,7 @@ def fused_linear_distillation_loss(
         impl,
         log,
         needs_grad,
+        grad_scale if weight_vH.requires_grad and hasattr(weight_vH, "main_grad") else None,
     )
     names = ("loss", "lm", "kd", "teacher_entropy", "agree", "kept")
     return {"weighted": weighted, **dict(zip(names, values))}

@@ -274,3 +274,39 @@ def test_shape_errors():
             vocab,
             None,
         )
+
+
+def into_main_grad(rank, world_size, upstream):
+    hidden, weight, *_, labels, mask, _ = global_inputs()
+    vocab = VocabInfo(TRUE_VOCAB, PADDED, 1, 0)
+    h = hidden.float().requires_grad_()
+    w = weight.float().requires_grad_()
+    w.main_grad = torch.full(w.shape, 0.5)  # megatron DDP's fp32 buffer, holding earlier sums
+    w.grad_added_to_main_grad = False
+    out = fused_linear_distillation_loss(
+        h,
+        w,
+        labels,
+        mask.float(),
+        None,
+        LossSpec(alpha=0.0),
+        vocab,
+        dist.group.WORLD,
+        chunk_tokens=CHUNK,
+        grad_scale=4.0,
+    )
+    (out["weighted"] * upstream).backward()
+    return w.main_grad, w.grad_added_to_main_grad, h.grad
+
+
+def test_weight_gradient_straight_into_main_grad():
+    """With megatron DDP's main_grad and the upstream gradient announced (grad_scale), dL/dW
+    is added to main_grad in place (no [v, H] gradient tensor); a different upstream value is
+    an error, not a silently mis-scaled gradient."""
+    main_grad, flagged, grad_h = run_distributed(into_main_grad, 1, 4.0)[0]
+    _, _, want_h, want_w = reference_case("forward_kl", "dense", False, 1.0, 0.0)
+    torch.testing.assert_close(main_grad.double(), 0.5 + 4.0 * want_w, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(grad_h.double(), 4.0 * want_h, rtol=1e-5, atol=1e-4)
+    assert flagged
+    with pytest.raises(AssertionError, match="scaled by 4.0, but backward received 2.0"):
+        run_distributed(into_main_grad, 1, 2.0)
