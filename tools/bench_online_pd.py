@@ -1,6 +1,6 @@
 """Benchmark online distillation's step time against LM-only training, side by side, on CPU.
 
-    python tools/bench_online_pd.py            # ~3 minutes on 2 cores
+    python tools/bench_online_pd.py            # ~6 minutes on 2 cores
 
 Part 1 - cost model. A PD step trains the student (3 x its forward FLOPs) and runs the teacher
 forward once, so PD time / LM time should be 1 + F_teacher / (3 F_student), F = forward FLOPs
@@ -8,9 +8,14 @@ per token with attention and the LM head counted (engine/flops.py). Measured on 
 matmuls dominate and have the same shapes (the teacher is 4x deeper), alternating LM and PD
 steps in one process.
 
-Part 2 - the loss at a large vocabulary-to-hidden ratio (V = 32000, H = 64), where the
-distillation loss rather than the matmuls dominates: the PD step with the fused loss vs the
-same step with an eager PyTorch KD loss (log_softmax + kl_div + cross_entropy, autograd).
+Part 2 - a 2x wider teacher. Its GEMMs are larger, and a CPU runs larger GEMMs at a higher
+FLOP rate, which a pure FLOP count cannot know: the prediction is also given with each
+model's matmul rate measured on its own layer shapes (rate-corrected: time = FLOPs / rate).
+
+Part 3 - the loss at a large vocabulary-to-hidden ratio (V = 32000, H = 64), where the output
+layer and the distillation loss rather than the layers dominate: the PD step with the fused
+output layer (the default), with the logits path (loss.fused_output_layer=false) and with an
+eager PyTorch KD loss on logits (log_softmax + kl_div + cross_entropy, autograd).
 """
 
 from __future__ import annotations
@@ -28,10 +33,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 
-def _config(student: dict, teacher: dict, teacher_load: str | None, seq: int, vocab: int):
+def _config(
+    student: dict, teacher: dict, teacher_load: str | None, seq: int, vocab: int, *extra: str
+):
     from megatron_pd.config import load_config
 
-    args = [f"--model.{k}={v}" for k, v in student.items()]
+    args = [f"--model.{k}={v}" for k, v in student.items()] + list(extra)
     args += [
         f"--model.vocab_size={vocab}",
         f"--data.seq_length={seq}",
@@ -99,6 +106,24 @@ def _eager_loss_terms(module):
     return loss_terms
 
 
+def _matmul_rate(model: dict, tokens: int, repeats: int = 5) -> float:
+    """FLOP/s of this CPU on the model's layer GEMMs (QKV+proj as H x H, MLP as H x FFN) for
+    ``tokens`` rows: the rate its forward runs at, measured, not assumed."""
+    hidden, ffn = model["hidden_size"], model["ffn_hidden_size"]
+    x = torch.randn(tokens, hidden)
+    shapes = [torch.randn(hidden, 3 * hidden), torch.randn(hidden, 2 * ffn)]
+    shapes.append(torch.randn(ffn, hidden))
+    inputs = [x, x, torch.randn(tokens, ffn)]
+    flops = sum(2.0 * a.shape[0] * a.shape[1] * w.shape[1] for a, w in zip(inputs, shapes))
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for a, w in zip(inputs, shapes):
+            a @ w
+        best = min(best, time.perf_counter() - start)
+    return flops / best
+
+
 def _time_steps(modules: dict, cfg, steps: int) -> dict:
     times = {name: [] for name in modules}
     for step in range(steps + 1):
@@ -133,24 +158,29 @@ def main(argv=None) -> int:
     topology.init_distributed()
     groups = topology.init_student_groups(1, 1)
 
+    base_student = dict(
+        num_layers=4,
+        hidden_size=512,
+        ffn_hidden_size=1408,
+        num_attention_heads=8,
+        num_query_groups=4,
+    )
     parts = {
         "cost model": dict(
-            student=dict(
-                num_layers=4,
-                hidden_size=512,
-                ffn_hidden_size=1408,
-                num_attention_heads=8,
-                num_query_groups=4,
-            ),
+            student=base_student,
             # Deeper, not wider: matmuls of the same shapes run at the same FLOP rate on a
-            # CPU, so the comparison isolates the framework's overheads (a wider teacher's
-            # bigger GEMMs run faster per FLOP here, which the FLOP model does not know).
+            # CPU, so the comparison isolates the framework's overheads.
+            teacher=dict(base_student, num_layers=16, tie_embeddings=False),
+            seq=256,
+            vocab=4096,
+        ),
+        "wider teacher": dict(
+            student=base_student,
             teacher=dict(
-                num_layers=16,
-                hidden_size=512,
-                ffn_hidden_size=1408,
-                num_attention_heads=8,
-                num_query_groups=4,
+                base_student,
+                num_layers=8,
+                hidden_size=1024,
+                ffn_hidden_size=2816,
                 tie_embeddings=False,
             ),
             seq=256,
@@ -183,13 +213,19 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             root = os.path.join(tmp, "teacher")
             _save_teacher(part["teacher"], part["seq"], part["vocab"], root)
-            lm_cfg = _config(part["student"], part["teacher"], None, part["seq"], part["vocab"])
-            pd_cfg = _config(part["student"], part["teacher"], root, part["seq"], part["vocab"])
+            shape = (part["student"], part["teacher"])
+            lm_cfg = _config(*shape, None, part["seq"], part["vocab"])
+            pd_cfg = _config(*shape, root, part["seq"], part["vocab"])
             lm = TrainModule(lm_cfg, groups, part["vocab"], 1)
             pd = DistillTrainModule(pd_cfg, groups, part["vocab"], 1)
             modules = {"lm": (lm, {}), "pd": (pd, {"alpha": 0.9, "tau": 1.0})}
             if title == "large V/H":
-                eager = DistillTrainModule(pd_cfg, groups, part["vocab"], 1)
+                logits_cfg = _config(
+                    *shape, root, part["seq"], part["vocab"], "--loss.fused_output_layer=false"
+                )
+                logits_path = DistillTrainModule(logits_cfg, groups, part["vocab"], 1)
+                modules["pd_logits_path"] = (logits_path, {"alpha": 0.9, "tau": 1.0})
+                eager = DistillTrainModule(logits_cfg, groups, part["vocab"], 1)
                 eager.loss_terms = _eager_loss_terms(eager)
                 modules["pd_eager_loss"] = (eager, {"alpha": 0.9, "tau": 1.0})
             times = _time_steps(modules, lm_cfg, args.steps)
@@ -207,6 +243,21 @@ def main(argv=None) -> int:
             f"{measured:.3f} | FLOP prediction 1 + F_t/(3 F_s) = {predicted:.3f} | "
             f"deviation {100 * (measured / predicted - 1):+.1f}% (target within +-10%)"
         )
+        if title == "wider teacher":
+            tokens = lm_cfg.train.micro_batch_size * part["seq"]
+            rate_s = _matmul_rate(part["student"], tokens)
+            rate_t = _matmul_rate(part["teacher"], tokens)
+            corrected = 1 + (f_teacher / rate_t) / (3 * f_student / rate_s)
+            print(
+                f"matmul rate on the layer shapes: student {rate_s / 1e9:.1f}, teacher "
+                f"{rate_t / 1e9:.1f} GFLOP/s ({rate_t / rate_s:.2f}x) | rate-corrected "
+                f"prediction {corrected:.3f} | deviation {100 * (measured / corrected - 1):+.1f}%"
+            )
+        if "pd_logits_path" in times:
+            print(
+                f"PD step with the logits path {times['pd_logits_path']:.3f}s: fused output "
+                f"layer / logits path {times['pd'] / times['pd_logits_path']:.2f}"
+            )
         if "pd_eager_loss" in times:
             excess = times["pd_eager_loss"] - times["pd"]
             print(
