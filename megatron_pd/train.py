@@ -174,6 +174,8 @@ def run(cfg) -> dict:
         module = DistillTrainModule(
             cfg, groups, vocab_size, dp, tokenizer.fingerprint, fingerprints
         )
+        if cfg.distill.offline:
+            module.check_store_coverage(sample_ids)
     else:
         module = TrainModule(cfg, groups, vocab_size, dp)
     if cfg.train.record_logits:
