@@ -70,6 +70,16 @@ class DistillTrainModule(TrainModule):
             )
         else:
             self._init_live(distill, true_vocab_size, tokenizer_fingerprint)
+        truncated = distill.offline or distill.truncation is not None
+        if truncated and not distill.tail and self.rank == 0:
+            cut = distill.truncation or "the store's"
+            print(
+                f"note: the student learns from a {cut} cut of the teacher without the dropped "
+                "mass (distill.tail=false): it is trained to give the tokens outside the kept "
+                "set no probability, which raised the held-out LM loss at small scale "
+                "(docs/findings.md); distill.tail=true keeps that mass as one category",
+                flush=True,
+            )
         self.just_in_time = (
             not distill.offline and distill.exchange_mode == "dense" and self.pp_size == 1
         )

@@ -28,6 +28,9 @@ def main(argv=None) -> int:
     parser.add_argument("--emit-slurm", metavar="DIR", help="write sbatch job arrays to DIR")
     parser.add_argument("--stage", choices=("data",), help="run one stage (SLURM's data job)")
     parser.add_argument("--report-dir", help="where the reports go (default: the workdir)")
+    parser.add_argument("--data", help="another corpus (a file or directory) for the spec's data")
+    parser.add_argument("--pattern", help="with --data: which files of the directory (e.g. *.txt)")
+    parser.add_argument("--workdir", help="another working directory than the spec's")
     for name in ("partition", "account", "time"):
         parser.add_argument(f"--{name}", help=f"sbatch --{name} (with --emit-slurm)")
     args = parser.parse_args(argv)
@@ -38,7 +41,12 @@ def main(argv=None) -> int:
     from megatron_pd.explore.spec import build_plan
 
     try:
-        plan = build_plan(args.spec, quick=args.quick)
+        changes = {}
+        if args.data:
+            changes["data"] = {"input": os.path.abspath(args.data), "pattern": args.pattern or "*"}
+        if args.workdir:
+            changes["workdir"] = os.path.abspath(args.workdir)
+        plan = build_plan(args.spec, quick=args.quick, changes=changes)
         if args.stage == "data":
             if plan.data is not None:
                 runner.prepare_data(plan.data)

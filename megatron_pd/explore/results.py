@@ -385,22 +385,63 @@ def _verdict(text, reproduced, margin, spread, detail, seeds) -> dict:
     }
 
 
-def _pending(text, rows) -> dict:
+def _pending(text, rows, why: str = "pending") -> dict:
     names = ", ".join(f"{r['axis']}/{r['variant']}" for r in rows[:3])
+    detail = f"runs not finished: {names}" if why == "pending" else "axes not in this sweep"
     return {
         "claim": text,
-        "reproduced": "pending",
+        "reproduced": why,
         "margin": math.nan,
         "spread": math.nan,
         "significant": "-",
-        "detail": f"runs not finished: {names}",
+        "detail": detail,
         "unit": "nats",
     }
 
 
+CLAIM_KEYS = ("gain", "hurt", "better", "worse", "best", "among", "similar", "increasing")
+
+
+def claim_refs(claim: dict) -> list:
+    """Every variant reference of a claim (``axis/name`` patterns)."""
+    refs = []
+    for key in CLAIM_KEYS:
+        value = claim.get(key)
+        refs.extend([value] if isinstance(value, str) else list(value or []))
+    return [str(r) for r in refs]
+
+
+def check_claims(claims: list, axes: dict) -> None:
+    """ValueError naming a claim that refers to no variant of the spec's axes ({axis:
+    [variant names]}), before anything runs."""
+    for claim in claims:
+        if not isinstance(claim, dict) or not any(k in claim for k in CLAIM_KEYS):
+            raise ValueError(f"claims: {claim!r} needs claim: and one of {', '.join(CLAIM_KEYS)}")
+        for ref in claim_refs(claim):
+            axis, _, name = ref.partition("/")
+            if not any(fnmatch.fnmatch(n, name) for n in axes.get(axis, [])):
+                raise ValueError(
+                    f"claim {claim.get('claim')!r}: {ref} names no variant of the spec"
+                )
+
+
 def write_findings(plan: Plan, results: dict, out_dir: str) -> str:
     rows = results["variants"]
-    verdicts = [evaluate_claim(c, rows) for c in plan.claims]
+    present = {(r["axis"], r["variant"]) for r in rows}
+
+    def in_sweep(claim):  # a --quick subset runs some axes only
+        return all(
+            any(
+                a == ref.partition("/")[0] and fnmatch.fnmatch(v, ref.partition("/")[2])
+                for a, v in present
+            )
+            for ref in claim_refs(claim)
+        )
+
+    verdicts = [
+        evaluate_claim(c, rows) if in_sweep(c) else _pending(c.get("claim", "?"), [], "not run")
+        for c in plan.claims
+    ]
     lines = [
         f"# Findings: {plan.name}{' (quick)' if plan.quick else ''}",
         "",

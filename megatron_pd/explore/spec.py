@@ -139,7 +139,7 @@ def variants_of(axis: str, entry) -> list:
             if not options:
                 _fail(f"axis {axis}", f"{key} has no values")
             out = [
-                (f"{name},{value}" if name else str(value), {**o, key: value})
+                (f"{name},{_shown(value)}" if name else _shown(value), {**o, key: value})
                 for name, o in out
                 for value in options
             ]
@@ -147,6 +147,13 @@ def variants_of(axis: str, entry) -> list:
     if all(isinstance(v, dict) for v in values):
         return [(str(name), flatten(o)) for name, o in entry.items()]
     _fail(f"axis {axis}", "mixes value lists and variant mappings; use one form per axis")
+
+
+def _shown(value) -> str:
+    """A grid value as a variant name, spelled as YAML spells it (true, null, 0.5)."""
+    if isinstance(value, bool) or value is None:
+        return yaml.safe_dump(value).splitlines()[0]
+    return str(value)
 
 
 def _digest(value) -> str:
@@ -297,11 +304,23 @@ def load_spec(path: str) -> dict:
     return _load_yaml(path)
 
 
-def build_plan(spec_path: str, quick: bool = False) -> Plan:
-    """Every job and variant of a spec, each config resolved and validated (no job runs)."""
+def build_plan(spec_path: str, quick: bool = False, changes: dict | None = None) -> Plan:
+    """Every job and variant of a spec, each config resolved and validated (no job runs).
+
+    ``changes``: top-level keys replaced (the command line's --data and --workdir): another
+    corpus keeps the spec's vocab_size and gets its own tokenizer and default workdir."""
     from megatron_pd.explore.plan_students import add_students
 
     spec = _load_yaml(spec_path)
+    changes = dict(changes or {})
+    if "data" in changes:
+        data = {k: v for k, v in (spec.get("data") or {}).items() if k == "vocab_size"}
+        spec["data"] = {**data, **changes.pop("data")}
+        if "workdir" not in changes and "workdir" not in spec:  # another corpus, elsewhere
+            corpus = os.path.basename(os.path.normpath(spec["data"]["input"]))
+            base_name = spec.get("name") or os.path.splitext(os.path.basename(spec_path))[0]
+            spec["name"] = f"{base_name}_{_slug(corpus)}"
+    spec.update(changes)
     builder = _Builder(spec, spec_path, quick)
     teachers = builder.teachers()
     seeds = spec.get("seeds", [1])
@@ -310,12 +329,21 @@ def build_plan(spec_path: str, quick: bool = False) -> Plan:
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
         _fail("seeds", f"{seeds!r} must be a non-empty list of integers")
     axes = add_students(builder, spec, teachers, seeds)
+    used = {d for job in builder.jobs.values() for d in job.depends}
+    for name, info in list(teachers.items()):  # a teacher no chosen variant uses is not trained
+        if info["job"] and info["job"] not in used:
+            del builder.jobs[info["job"]]
+            del teachers[name]
     nproc = int(spec.get("nproc", 2))
     if nproc < 1:
         _fail("nproc", f"{nproc} must be >= 1")
     claims = spec.get("claims") or []
     if not isinstance(claims, list):
         _fail("claims", "must be a list")
+    from megatron_pd.explore.results import check_claims
+
+    all_axes = {a: [n for n, _ in variants_of(a, e)] for a, e in (spec.get("axes") or {}).items()}
+    check_claims(claims, all_axes)
     return Plan(
         name=builder.name,
         workdir=builder.workdir,

@@ -85,6 +85,7 @@ def test_plan_deduplicates_and_derives_baselines(tmp_path):
         ({"axes": {"x": {"a": [1], "b": {"c": 1}}}}, r"axis x: mixes value lists"),
         ({"seeds": []}, r"seeds: \[\] must be a non-empty list"),
         ({"bogus": 1}, r"unknown key\(s\) \['bogus'\]"),
+        ({"claims": [{"claim": "c", "gain": ["tau/7"]}]}, r"claim 'c': tau/7 names no variant"),
     ],
 )
 def test_spec_errors_name_the_axis_and_value_before_any_run(tmp_path, change, message):
@@ -98,6 +99,8 @@ def test_offline_variants_share_one_dump_of_the_widest_truncation(tmp_path):
         tmp_path,
         teachers={"big": {"config": "base.yaml"}},
         axes={"k": {"distill.truncation": ["top-0.95-10", "top-0.9-50"], "source": ["offline"]}},
+        claims=[],
+        quick={},
     )
     plan = build_plan(spec)
     dumps = [j for j in plan.jobs.values() if j.kind == "dump"]
