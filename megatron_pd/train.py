@@ -57,6 +57,7 @@ def dry_run(cfg, world_size: int) -> int:
     from megatron_pd.parallel.vocab import model_padded_vocab
 
     dp = cfg.validate_for_world(world_size)
+    check_run_dir(cfg, create=False)
     student_layout = Layout(world_size, cfg.parallel.tp, cfg.parallel.pp)
     print(describe_layout(student_layout, "student"))
     if cfg.distill.offline:
@@ -123,10 +124,59 @@ def validate(cfg, world_size: int):
     from megatron_pd.data.tokenizer import load_tokenizer, resolve_vocab_size
 
     dp = cfg.validate_for_world(world_size)
+    check_run_dir(cfg)
     tokenizer = load_tokenizer(cfg.data.tokenizer_model)
     vocab_size = resolve_vocab_size(cfg.model, tokenizer)
     check_data(cfg.data.blend, tokenizer)
     return tokenizer, vocab_size, dp
+
+
+# what a resumed run must share with the run that wrote the checkpoint (besides the model)
+_RESUME_DATA_FIELDS = ("seq_length", "seed", "split")
+
+
+def check_run_dir(cfg, create: bool = True) -> None:
+    """Before anything is written: the run directory is writable, and if it holds a run to
+    resume, that run had the same model and data windows (ValueError naming every differing
+    field; config.yaml is only written once this passes)."""
+    import tempfile
+
+    if create:
+        try:
+            os.makedirs(cfg.run_dir, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=cfg.run_dir, prefix=".write-test."):
+                pass
+        except OSError as err:
+            raise ValueError(f"run_dir={cfg.run_dir} is not writable ({err.strerror})") from None
+    else:  # a dry run writes nothing: the nearest existing directory must let it be made
+        existing = os.path.abspath(cfg.run_dir)
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if not (os.path.isdir(existing) and os.access(existing, os.W_OK | os.X_OK)):
+            raise ValueError(f"run_dir={cfg.run_dir} is not writable ({existing} is not)")
+    saved = os.path.join(cfg.run_dir, "config.yaml")
+    save_dir = cfg.checkpoint.save_dir or os.path.join(cfg.run_dir, "checkpoints")
+    has_checkpoint = os.path.isfile(os.path.join(save_dir, "latest"))
+    if not cfg.checkpoint.resume or not os.path.isfile(saved) or not has_checkpoint:
+        return
+    from dataclasses import asdict
+
+    previous = load_config(saved)
+    before, now = asdict(previous.model), asdict(cfg.model)
+    differing = [
+        f"model.{k} ({before[k]!r} there, {now[k]!r} here)"
+        for k in now
+        if k != "transformer_impl" and before.get(k) != now[k]
+    ]
+    for key in _RESUME_DATA_FIELDS:
+        a, b = getattr(previous.data, key), getattr(cfg.data, key)
+        if a != b:
+            differing.append(f"data.{key} ({a!r} there, {b!r} here)")
+    if differing:
+        raise ValueError(
+            f"run_dir={cfg.run_dir} holds a run with another setup, which this one would "
+            f"resume: {'; '.join(differing)}. Use another run_dir (nothing was written)"
+        )
 
 
 def run(cfg) -> dict:
@@ -137,10 +187,6 @@ def run(cfg) -> dict:
     """
     import torch.distributed as dist
 
-    from megatron_pd.data.datasets import build_splits, sample_ids_of
-    from megatron_pd.engine.train_module import TrainModule
-    from megatron_pd.engine.trainer import Trainer
-    from megatron_pd.models.checkpoint import CheckpointManager, latest_checkpoint, load_checkpoint
     from megatron_pd.parallel import topology
 
     _absolute_paths(cfg)
@@ -149,6 +195,25 @@ def run(cfg) -> dict:
     )
     tokenizer, vocab_size, dp = validate(cfg, world_size)
     rank, _ = topology.init_distributed()
+    from megatron_pd.platform.run_lock import lock_for_job
+
+    lock = lock_for_job(cfg.run_dir, rank)
+    try:
+        return _run_locked(cfg, tokenizer, vocab_size, dp, rank)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_locked(cfg, tokenizer, vocab_size, dp, rank) -> dict:
+    import torch.distributed as dist
+
+    from megatron_pd.data.datasets import build_splits, sample_ids_of
+    from megatron_pd.engine.train_module import TrainModule
+    from megatron_pd.engine.trainer import Trainer
+    from megatron_pd.models.checkpoint import CheckpointManager, load_checkpoint
+    from megatron_pd.parallel import topology
+
     groups = topology.init_student_groups(cfg.parallel.tp, cfg.parallel.pp)
     if rank == 0:
         save_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
@@ -192,7 +257,13 @@ def run(cfg) -> dict:
         dist.get_rank(groups.dp),
         tokenizer.fingerprint,
     )
-    path = latest_checkpoint(cfg.checkpoint.load_dir or save_dir) if cfg.checkpoint.resume else None
+    path = None
+    if cfg.checkpoint.resume:
+        from megatron_pd.models.checkpoint import resume_point
+
+        root = cfg.checkpoint.load_dir or save_dir
+        say = print if rank == 0 else (lambda *_: None)
+        path = resume_point(root, cfg.checkpoint.fallback, say) if os.path.isdir(root) else None
     if path is not None:
         trainer.restore(load_checkpoint(module, path))
         if rank == 0:
@@ -265,6 +336,8 @@ def main(argv=None) -> int:
         for name, type_name, default, doc in describe_fields():
             print(f"--{name} ({type_name}, default {default!r})\n      {doc}")
         return 0
+    from megatron_pd.models.checkpoint import CheckpointWriteError
+
     rank = int(os.environ.get("RANK", "0"))
     try:
         cfg = load_config(args.config, overrides)
@@ -272,7 +345,7 @@ def main(argv=None) -> int:
             world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
             return dry_run(cfg, world)
         run(cfg)
-    except ValueError as err:
+    except (ValueError, CheckpointWriteError) as err:
         if rank == 0:
             print(f"error: {err}", file=sys.stderr, flush=True)
         elif isinstance(err, RankLocalError):

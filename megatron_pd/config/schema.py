@@ -589,6 +589,10 @@ class CheckpointConfig:
     all."""
     async_save: bool = False
     """Write checkpoints in the background; "latest" moves only when the write completed."""
+    fallback: bool = False
+    """When the latest checkpoint is damaged (a missing or truncated file, unreadable
+    metadata), resume from the newest intact earlier one, with a loud warning; false makes a
+    damaged latest checkpoint an error naming what is wrong."""
     final_save: bool = True
     """Save at the end of training."""
 

@@ -84,12 +84,8 @@ def dump_teacher_logits(
     logp_range: float = 16.0,
     coverage: str = "run",
 ) -> dict:
-    """Write ``store_dir/<split>/`` for each split; returns the summary (on every rank)."""
-    from megatron_pd.data.datasets import SampleIds, build_splits
-    from megatron_pd.data.tokenizer import load_tokenizer, resolve_vocab_size
-    from megatron_pd.models.teacher import open_teacher
-    from megatron_pd.parallel import topology
-
+    """Write ``store_dir/<split>/`` for each split; returns the summary (on every rank).
+    Collective; the store directory is locked for the job (platform/run_lock.py)."""
     distill = cfg.distill
     if distill.teacher.load is None:
         raise ValueError("distill.teacher.load is not set: the dump needs a teacher")
@@ -104,6 +100,45 @@ def dump_teacher_logits(
     world = dist.get_world_size()
     rank = dist.get_rank()
     cfg.validate_for_world(world)
+    from megatron_pd.platform.run_lock import lock_for_job
+
+    lock = lock_for_job(store_dir, rank, "logits store")
+    try:
+        return _dump_locked(
+            cfg,
+            store_dir,
+            splits,
+            samples_per_shard,
+            batch_size,
+            value_bits,
+            logp_range,
+            coverage,
+            world,
+            rank,
+        )
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _dump_locked(
+    cfg,
+    store_dir,
+    splits,
+    samples_per_shard,
+    batch_size,
+    value_bits,
+    logp_range,
+    coverage,
+    world,
+    rank,
+) -> dict:
+    from megatron_pd.data.datasets import SampleIds, build_splits
+    from megatron_pd.data.tokenizer import load_tokenizer, resolve_vocab_size
+    from megatron_pd.models.teacher import open_teacher
+    from megatron_pd.parallel import topology
+
+    distill = cfg.distill
     tokenizer = load_tokenizer(cfg.data.tokenizer_model)
     vocab_size = resolve_vocab_size(cfg.model, tokenizer)
     groups = topology.init_student_groups(distill.teacher.tp, distill.teacher.pp)

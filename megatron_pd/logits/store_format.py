@@ -126,10 +126,15 @@ def write_atomic(path: str, data: bytes, point: str | None = None) -> None:
     """Write to a temporary name in the same directory, fsync, rename. ``point`` names a
     fault-injection point between the write and the rename (platform/faults.py)."""
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:  # a full disk, a read-only path: nothing half-written stays
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise ValueError(f"{path}: cannot write {len(data):,} bytes ({err.strerror})") from None
     if point is not None:
         from megatron_pd.platform.faults import fault
 

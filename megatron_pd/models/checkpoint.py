@@ -56,6 +56,74 @@ def latest_checkpoint(root: str) -> str | None:
     return path
 
 
+def checkpoint_problem(path: str) -> str | None:
+    """What is wrong with checkpoint directory ``path`` (None: intact), read from its
+    metadata without loading any tensor: metadata.json and the DCP metadata readable, the
+    common state present, every storage file there and as long as the items it holds."""
+    from megatron_pd.platform import safe_loading
+
+    safe_loading.install()
+    for name in ("metadata.json", ".metadata", "common.pt"):
+        if not os.path.isfile(os.path.join(path, name)):
+            return f"{name} is missing"
+    try:
+        from torch.distributed.checkpoint import FileSystemReader
+
+        metadata = FileSystemReader(path).read_metadata()
+    except Exception as err:  # truncated or crafted: unpickling fails in several ways
+        return f".metadata is unreadable ({type(err).__name__}: {str(err)[:200]})"
+    needed: dict = {}
+    for info in (getattr(metadata, "storage_data", None) or {}).values():
+        end = int(info.offset) + int(info.length)
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
+    for name, end in sorted(needed.items()):
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            return f"{name} is missing"
+        size = os.path.getsize(file)
+        if size < end:
+            return f"{name} is truncated ({size:,} bytes, its items need {end:,})"
+    return None
+
+
+def resume_point(root: str, fallback: bool, log=print) -> str | None:
+    """The checkpoint a run resumes from: ``latest`` if intact; else (``fallback``) the newest
+    intact earlier one, with a loud warning; else a ValueError naming the damage."""
+    try:
+        latest = latest_checkpoint(root)
+    except ValueError as err:
+        if not fallback:
+            msg = f"{err}; checkpoint.fallback=true resumes from an earlier one"
+            raise ValueError(msg) from None
+        latest = None
+    if latest is not None:
+        problem = checkpoint_problem(latest)
+        if problem is None:
+            return latest
+        if not fallback:
+            raise ValueError(
+                f"the latest checkpoint {latest} is damaged: {problem}. checkpoint.fallback="
+                "true resumes from the newest intact earlier checkpoint instead"
+            )
+    names = sorted(
+        (n for n in os.listdir(root) if n.startswith(_PREFIX) and not n.endswith(".tmp")),
+        reverse=True,
+    )
+    for name in names:
+        candidate = os.path.join(root, name)
+        if candidate == latest or checkpoint_problem(candidate) is not None:
+            continue
+        log(
+            "\n" + "!" * 78 + f"\nWARNING: the latest checkpoint {latest or '(none)'} is "
+            f"damaged; resuming from {candidate} instead (checkpoint.fallback=true). The "
+            "steps after it are trained again.\n" + "!" * 78
+        )
+        return candidate
+    if latest is None:
+        return None
+    raise ValueError(f"the latest checkpoint {latest} is damaged and no earlier one is intact")
+
+
 def _write_atomic(path: str, text: str) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -108,6 +176,48 @@ def sharded_state(module, groups, is_loading: bool, trainer_state: dict | None =
     return state
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (full disk, unwritable path): the run stops, the
+    previous checkpoint intact."""
+
+
+def _directory_bytes(path: str) -> int:
+    total = 0
+    for current, _, names in os.walk(path):
+        for name in names:
+            try:
+                total += os.path.getsize(os.path.join(current, name))
+            except OSError:
+                pass
+    return total
+
+
+def _state_bytes(module) -> int:
+    """This rank's bytes of model and optimizer state (a checkpoint's size, about)."""
+    total = sum(p.numel() * p.element_size() for p in module.model.parameters())
+    for optimizer in _torch_optimizers(module.optimizer):
+        for state in optimizer.state.values():
+            total += sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v))
+    return total
+
+
+def _no_space(err: BaseException) -> bool:
+    import errno
+
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(err):
+            return True
+        failures = getattr(err, "failures", None)
+        if isinstance(failures, dict) and any(_no_space(f) for f in failures.values()):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
 class CheckpointManager:
     """Saves and restores a TrainModule's state under ``root``; collective over the world."""
 
@@ -129,6 +239,7 @@ class CheckpointManager:
         final = os.path.join(self.root, checkpoint_name(step))
         tmp = os.path.join(self.root, "." + checkpoint_name(step) + ".tmp")
         self.wait()  # one save in flight at a time
+        needed = self._check_space(module, rank)
         if rank == 0:
             os.makedirs(self.root, exist_ok=True)
             if os.path.exists(tmp):
@@ -136,9 +247,19 @@ class CheckpointManager:
             os.makedirs(tmp)
         dist.barrier()
         state = sharded_state(module, module.groups, is_loading=False, trainer_state=trainer_state)
-        request = dist_checkpointing.save(
-            state, tmp, async_sharded_save=self.async_save, validate_access_integrity=True
-        )
+        try:
+            request = dist_checkpointing.save(
+                state, tmp, async_sharded_save=self.async_save, validate_access_integrity=True
+            )
+        except Exception as err:
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if _no_space(err):
+                raise CheckpointWriteError(
+                    f"checkpoint {final}: no space left on device (about {needed:,} bytes "
+                    f"needed); the previous checkpoint is intact, the run stops"
+                ) from None
+            raise
         if self.async_save:
             request.add_finalize_fn(lambda: self._publish(tmp, final))
             self._queue.schedule_async_request(request)
@@ -147,6 +268,32 @@ class CheckpointManager:
             dist.barrier()
             self._publish(tmp, final)
         return final
+
+    def _check_space(self, module, rank: int) -> int:
+        """Bytes this save needs (the last checkpoint's size, else the state's); every rank
+        raises CheckpointWriteError if the file system has fewer free (before any write)."""
+        device = module.device
+        local = torch.tensor([float(_state_bytes(module))], dtype=torch.float64, device=device)
+        dist.all_reduce(local)
+        needed = int(local.item())
+        failed = torch.zeros(1, device=device)
+        message = ""
+        if rank == 0:
+            previous = latest_checkpoint(self.root) if os.path.isdir(self.root) else None
+            if previous:
+                needed = _directory_bytes(previous)
+            os.makedirs(self.root, exist_ok=True)
+            free = shutil.disk_usage(self.root).free
+            if free < needed:
+                failed[0] = 1.0
+                message = (
+                    f"checkpoint in {self.root}: {needed:,} bytes needed, {free:,} free on its "
+                    "file system; the previous checkpoint is intact, the run stops"
+                )
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        if failed.item():
+            raise CheckpointWriteError(message or f"checkpoint in {self.root}: no space left")
+        return needed
 
     def _publish(self, tmp: str, final: str) -> None:
         """Rank 0 renames the finished directory and moves "latest"; then old ones are pruned."""
@@ -190,6 +337,9 @@ class CheckpointManager:
 
 def load_checkpoint(module, path: str, load_optimizer: bool = True) -> dict:
     """Restore model (and optimizer, RNG) of ``module`` from ``path``; returns trainer state."""
+    from megatron_pd.platform import safe_loading
+
+    safe_loading.install()
     from megatron.core import dist_checkpointing
 
     with torch.no_grad():  # fp32 parameters are written in place

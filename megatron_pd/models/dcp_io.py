@@ -70,6 +70,9 @@ class CheckpointTensors:
             raise ValueError(
                 f"{checkpoint_dir} is not a megatron dist checkpoint (no metadata.json)"
             )
+        from megatron_pd.platform import safe_loading
+
+        safe_loading.install()
         self.checkpoint_dir = checkpoint_dir
         self._reader = FileSystemReader(checkpoint_dir)
         try:

@@ -40,6 +40,9 @@ class TeacherSource:
     """
 
     def __init__(self, path: str):
+        from megatron_pd.platform import safe_loading
+
+        safe_loading.install()  # its checkpoint metadata is unpickled under an allow-list
         from megatron_pd.models.checkpoint import latest_checkpoint
         from megatron_pd.models.hf_config import is_hf_model_dir
 
@@ -237,8 +240,10 @@ class FrozenTeacher:
         from megatron.core.dist_checkpointing.validation import StrictHandling
         from torch.distributed.checkpoint.api import CheckpointException
 
+        from megatron_pd.platform import safe_loading
         from megatron_pd.platform.faults import fault
 
+        safe_loading.install()
         for param in self.model.parameters():
             param.fill_(float("nan"))
         fault("teacher_load")
