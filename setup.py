@@ -13,8 +13,9 @@ setup(
     install_requires=[
         # Install the CPU or CUDA torch you want first (see README); any 2.6+ works.
         "torch>=2.6",
-        # The tested range: 0.16.x is the newest megatron-core for Python 3.11.
-        "megatron-core>=0.16.0,<0.17",
+        # The tested range: 0.16.1 on Python 3.11 (the newest release for 3.11) and 0.19.2 on
+        # Python 3.12 (NVIDIA's containers); CI (.ci/run) tests both stacks.
+        "megatron-core>=0.16.1,<0.20",
         "numpy",
         "packaging>=24.2",
         "pyyaml>=6",
