@@ -1,11 +1,11 @@
 """Run megatron-core on a machine without CUDA: every runtime adaptation, in one place.
 
-megatron-core (0.16.1 and 0.19.2 tested) assumes CUDA in a handful of spots that have nothing to do with the math:
-it allocates buffers on ``torch.cuda.current_device()``, writes literal ``device="cuda"``
-in factory calls, forks a CUDA RNG state in every attention forward, calls
-``Tensor.cuda()``/``torch.cuda.synchronize()`` on a few paths, and its optimizers accept only
-parameters whose ``type()`` names a CUDA tensor. Each of those is adapted here, at runtime,
-without editing megatron's files:
+megatron-core (0.16.1 and 0.19.2 tested) assumes CUDA in a handful of spots that have nothing
+to do with the math: it allocates buffers on ``torch.cuda.current_device()``, writes literal
+``device="cuda"`` in factory calls, forks a CUDA RNG state in every attention forward, calls
+``Tensor.cuda()``/``torch.cuda.synchronize()`` (and, from 0.19, ``torch.cuda.current_stream()``)
+on a few paths, and its optimizers accept only parameters whose ``type()`` names a CUDA tensor.
+Each of those is adapted here, at runtime, without editing megatron's files:
 
 ==================  ========================================================================
 patch               what it does on a CPU-only machine
