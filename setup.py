@@ -39,6 +39,9 @@ setup(
         # Scoring: lm-evaluation-harness (the megatron_pd backend, and its hf backend for
         # exported students) and transformers.
         "eval": ["transformers>=5.0", "lm-eval>=0.4.9", "accelerate>=1.0"],
+        # tools/bench_peers.py: the peers it measures the loss against (tested: 0.47.0, 0.8.5;
+        # both run on CPU torch, ModelOpt's Megatron plugin with the CPU adaptation).
+        "bench": ["nvidia-modelopt>=0.47", "liger-kernel>=0.8.5"],
         # Tests compare against transformers and lm-eval (tiny local models, local tasks).
         "dev": [
             "pytest>=8",

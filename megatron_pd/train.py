@@ -174,6 +174,8 @@ def run(cfg) -> dict:
         module = DistillTrainModule(
             cfg, groups, vocab_size, dp, tokenizer.fingerprint, fingerprints
         )
+        if cfg.distill.offline:
+            module.check_store_coverage(sample_ids)
     else:
         module = TrainModule(cfg, groups, vocab_size, dp)
     if cfg.train.record_logits:
@@ -244,8 +246,11 @@ class RankLocalError(ValueError):
 
 def main(argv=None) -> int:
     from megatron_pd.platform import quiet_known_warnings
+    from megatron_pd.platform.lifetime import die_with_parent, launched_by_torchrun
 
     quiet_known_warnings()
+    if launched_by_torchrun():  # a rank stops (saving) when its launcher dies
+        die_with_parent()
     args, overrides = build_parser().parse_known_args(argv)
     if args.help_config:
         for name, type_name, default, doc in describe_fields():

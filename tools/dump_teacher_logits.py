@@ -7,9 +7,12 @@
 
 The config is the student's training config: the dump builds the datasets exactly as that run
 will (so the store's dataset fingerprint matches) and uses ``distill.teacher`` (its own TP/PP;
-its data-parallel replicas share the work) and ``distill.truncation``. Rerunning the same
-command after an interruption continues the dump; the finished store is byte-identical.
-Train from it with ``--distill.store=runs/store`` (and no distill.teacher.load).
+its data-parallel replicas share the work) and ``distill.truncation``. It dumps exactly the
+samples that run reads (``--coverage split``: every sample of each split). Rerunning the same
+command after an interruption continues the dump; the finished store is byte-identical. Run
+it again with more ``--train.train_steps`` to extend the store: only the missing samples are
+dumped, the existing shards stay as they are. Train from it with ``--distill.store=runs/store``
+(and no distill.teacher.load).
 """
 
 from __future__ import annotations
@@ -26,8 +29,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def main(argv=None) -> int:
     from megatron_pd.config.loader import load_config
     from megatron_pd.platform import quiet_known_warnings
+    from megatron_pd.platform.lifetime import die_with_parent, launched_by_torchrun
 
     quiet_known_warnings()
+    if launched_by_torchrun():  # a rank stops when its launcher dies (its shards are atomic)
+        die_with_parent()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", help="the student's YAML training config")
     parser.add_argument("--store", required=True, help="output store directory")
@@ -35,6 +41,12 @@ def main(argv=None) -> int:
     parser.add_argument("--samples-per-shard", type=int, default=256)
     parser.add_argument("--batch-size", type=int, help="teacher batch (default: micro batch)")
     parser.add_argument("--value-bits", type=int, default=8, choices=(6, 7, 8))
+    parser.add_argument(
+        "--coverage",
+        choices=("run", "split"),
+        default="run",
+        help="run: the samples the config's run reads (default); split: every sample",
+    )
     args, overrides = parser.parse_known_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     try:
@@ -54,6 +66,7 @@ def main(argv=None) -> int:
             args.samples_per_shard,
             args.batch_size,
             args.value_bits,
+            coverage=args.coverage,
         )
     except ValueError as err:
         if rank == 0:

@@ -70,6 +70,16 @@ class DistillTrainModule(TrainModule):
             )
         else:
             self._init_live(distill, true_vocab_size, tokenizer_fingerprint)
+        truncated = distill.offline or distill.truncation is not None
+        if truncated and not distill.tail and self.rank == 0:
+            cut = distill.truncation or "the store's"
+            print(
+                f"note: the student learns from a {cut} cut of the teacher without the dropped "
+                "mass (distill.tail=false): it is trained to give the tokens outside the kept "
+                "set no probability, which raised the held-out LM loss at small scale "
+                "(docs/findings.md); distill.tail=true keeps that mass as one category",
+                flush=True,
+            )
         self.just_in_time = (
             not distill.offline and distill.exchange_mode == "dense" and self.pp_size == 1
         )
@@ -186,6 +196,34 @@ class DistillTrainModule(TrainModule):
     def train_sample_offset(self) -> int:
         """With ``distill.store_steps``: the first sample the teacher trained on at step first."""
         return self._offset
+
+    def check_store_coverage(self, sample_ids: dict) -> None:
+        """Before step 1: the store holds every sample this run will read (a dump covers the
+        samples of the run it was made for; one for fewer steps must be extended)."""
+        import numpy as np
+
+        gbs = self.cfg.train.global_batch_size
+        reads = {
+            "train": (self._offset, self.cfg.total_steps() * gbs),
+            "valid": (0, self.cfg.train.eval_batches * gbs if self.cfg.train.eval_interval else 0),
+        }
+        for split, reader in self.stores.items():
+            ids = sample_ids.get(split)
+            first, count = reads[split]
+            if ids is None or count == 0 or reader.header.source != "dump":
+                continue  # a recorded store checks its step window per batch
+            positions = (first + np.arange(count, dtype=np.int64)) % max(ids.total, 1)
+            wanted = np.unique(ids.of(positions))
+            held = np.asarray(reader.sample_ids(), dtype=np.int64)
+            missing = np.setdiff1d(wanted, held)
+            if missing.size:
+                raise ValueError(
+                    f"logits store {reader.split_dir} holds {held.size:,} samples, but this run "
+                    f"reads {wanted.size:,} of the {split} split ({missing.size:,} missing, "
+                    f"e.g. sample {int(missing[0])}): extend the store by rerunning "
+                    "tools/dump_teacher_logits.py with this run's config (only the missing "
+                    "samples are dumped)"
+                )
 
     # ------------------------------------------------------------------ the teacher side
     def loss_spec(self) -> LossSpec:

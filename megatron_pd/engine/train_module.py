@@ -151,7 +151,7 @@ class TrainModule:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         self._forward_backward = get_forward_backward_func(pp_size=self.pp_size)
-        self._report_names = None
+        self._report_names = {}  # per mode (train, eval): what the last stage reports
         self.fused_output = cfg.loss.fused_output_layer
         # the gradient megatron's schedule sends into each micro-batch's loss sum (per-token
         # losses: just the loss scale); the fused output layer adds dL/dW into main_grad with it
@@ -303,12 +303,12 @@ class TrainModule:
             forward_only=forward_only,
         )
 
-    def _reduce_reports(self, reports: list) -> dict:
+    def _reduce_reports(self, reports: list, mode: str) -> dict:
         """Sum the micro-batch reports of the last stage over DP and make them global."""
-        if self._report_names is None:
+        if mode not in self._report_names:  # evaluation may report less (no store split)
             names = sorted(reports[0]) if reports else []
-            self._report_names = _broadcast_names(names, self.groups.pp, self.pp_size)
-        names = self._report_names
+            self._report_names[mode] = _broadcast_names(names, self.groups.pp, self.pp_size)
+        names = self._report_names[mode]
         if reports:
             totals = (
                 torch.stack([torch.stack([r[n].float() for n in names]) for r in reports])
@@ -338,7 +338,7 @@ class TrainModule:
         self._grad_scale = float(self.model_config.grad_scale_func(one))
         reports = self._run_schedule(microbatches, forward_only=False)
         updated, grad_norm, _ = self.optimizer.step()
-        totals = self._reduce_reports(reports)
+        totals = self._reduce_reports(reports, "train")
         return _result(totals, grad_norm, skipped=not updated)
 
     @torch.no_grad()
@@ -347,7 +347,7 @@ class TrainModule:
         self.model.eval()
         reports = self._run_schedule(microbatches, forward_only=True)
         self.model.train()
-        return _result(self._reduce_reports(reports), None, skipped=False)
+        return _result(self._reduce_reports(reports, "eval"), None, skipped=False)
 
     def num_parameters(self) -> int:
         """Parameters of the whole model (summed over TP and PP shards, not DP replicas)."""

@@ -1,17 +1,24 @@
-"""Dump a frozen teacher's top-p-k logits for every sample of the training data into a store.
+"""Dump a frozen teacher's top-p-k logits for the samples a training run reads into a store.
 
 ``dump_teacher_logits(cfg, store_dir)`` runs in every rank of a torchrun job. The teacher has
 its own TP/PP (``distill.teacher``); its data-parallel replicas split the shards between them.
 The datasets are built exactly as the student's training run builds them (same config), so
-the store's dataset fingerprint is the one the student will compute. Each shard is a
-contiguous range of unshuffled sample ids; it is written atomically by the replica's writer
-rank (teacher last stage, tp rank 0), and a restarted dump skips shards that exist - the
-finished store is byte-identical to an uninterrupted one.
+the store's dataset fingerprint is the one the student will compute.
+
+What is dumped (``coverage``): ``run`` (the default) - exactly the samples the config's run
+reads: the first train_steps x global_batch_size positions of the train split's order and the
+validation batches; ``split`` - every sample of each split. A dump is a *segment*: the needed
+samples the store does not hold yet, by ascending sample id, cut into shards of
+``samples_per_shard``. Dumping again with more train steps (same data, so the same dataset
+fingerprint) adds a segment with only the missing samples: a store is extended, never
+rewritten. Each shard is written atomically by the replica's writer rank (teacher last stage,
+tp rank 0); a restarted dump finishes its unfinished segment first (the plan is recomputed
+identically from the header) and skips the shards that exist, so the finished store is
+byte-identical to an uninterrupted one.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
@@ -75,6 +82,7 @@ def dump_teacher_logits(
     batch_size: int | None = None,
     value_bits: int = 8,
     logp_range: float = 16.0,
+    coverage: str = "run",
 ) -> dict:
     """Write ``store_dir/<split>/`` for each split; returns the summary (on every rank)."""
     from megatron_pd.data.datasets import SampleIds, build_splits
@@ -91,6 +99,8 @@ def dump_teacher_logits(
         )
     if value_bits not in (6, 7, 8):
         raise ValueError(f"value_bits={value_bits}: must be 6, 7 or 8")
+    if coverage not in ("run", "split"):
+        raise ValueError(f"coverage={coverage!r}: must be run or split")
     world = dist.get_world_size()
     rank = dist.get_rank()
     cfg.validate_for_world(world)
@@ -111,7 +121,6 @@ def dump_teacher_logits(
         (total_steps * gbs, eval_samples, 0),
         cfg.data.cache_dir or os.path.join(store_dir, "data_cache"),
     )
-    dp_rank, dp_size = dist.get_rank(groups.dp), dist.get_world_size(groups.dp)
     is_writer = teacher.is_last_stage and tp_rank == 0
     batch = batch_size or cfg.train.micro_batch_size
     teacher_state = source.trainer_state()
@@ -137,60 +146,187 @@ def dump_teacher_logits(
         )
         header.encoding = dict(header.encoding, value_bits=value_bits, logp_range=logp_range)
         split_dir = os.path.join(store_dir, split_name)
+        positions = {"train": total_steps * gbs, "valid": eval_samples}[split_name]
+        needed = needed_samples(ids, positions if coverage == "run" else None)
         if rank == 0:
             _start_or_resume(split_dir, header)
         dist.barrier()
-        writer = StoreWriter(split_dir, header)
-        num_shards = math.ceil(ids.total / samples_per_shard)
-        meter = _Progress(ids.total * cfg.data.seq_length, split_name) if rank == 0 else None
-        done_tokens = 0
-        for shard in range(dp_rank, num_shards, dp_size):
-            first = shard * samples_per_shard
-            members = list(range(first, min(first + samples_per_shard, ids.total)))
-            done = torch.tensor([1.0 if is_writer and writer.shard_done(shard) else 0.0])
-            dist.all_reduce(done, op=dist.ReduceOp.MAX, group=groups.mp)
-            if done.item():  # resumed: this shard was written before
-                done_tokens += len(members) * cfg.data.seq_length * dp_size
-                continue
-            raw_blocks = []
-            stats = {"tokens": 0, "kept": 0, "kl_sum": 0.0, "kl_rows": 0}
-            for start in range(0, len(members), batch):
-                chunk = members[start : start + batch]
-                tokens = torch.stack([ids.sample(g)["tokens"] for g in chunk])
-                kept = _kept_entries(teacher, tokens, spec, cfg.loss.fused_output_layer)
-                if teacher.is_last_stage:
-                    if is_writer:
-                        kept_ids = kept.indices.view(len(chunk), -1, spec.slots).cpu().numpy()
-                        kept_lp = kept.logprobs.view(len(chunk), -1, spec.slots).cpu().numpy()
-                        kept_tail = kept.log_tail.view(len(chunk), -1).cpu().numpy()
-                        for b in range(len(chunk)):
-                            raw_blocks.append(writer.encode(kept_ids[b], kept_lp[b], kept_tail[b]))
-                        valid = kept_ids >= 0
-                        stats["tokens"] += int(valid.shape[0] * valid.shape[1])
-                        stats["kept"] += int(valid.sum())
-                        if start == 0:  # value-encoding fidelity on each shard's first batch
-                            decoded = F.dequantize(
-                                F.quantize(kept_lp, value_bits, logp_range), value_bits, logp_range
-                            )
-                            flat_valid = valid.reshape(-1, spec.slots)
-                            rows = flat_valid.shape[0]
-                            stats["kl_sum"] += (
-                                kl_fidelity(
-                                    kept_lp.reshape(-1, spec.slots),
-                                    decoded.reshape(-1, spec.slots),
-                                    flat_valid,
-                                )
-                                * rows
-                            )
-                            stats["kl_rows"] += rows
-                done_tokens += len(chunk) * cfg.data.seq_length * dp_size
-                if meter:
-                    meter.update(min(done_tokens, meter.total))
-            if is_writer:
-                writer.write_shard(shard, members, [-1] * len(members), raw_blocks, stats)
-        dist.barrier()
-        summary[split_name] = _finish(writer, num_shards, rank, meter)
+        previous = F.StoreHeader.read(split_dir)
+        writer = StoreWriter(split_dir, previous)
+        for segment in plan_segments(split_dir, previous, needed, samples_per_shard):
+            done = _dump_segment(
+                segment,
+                ids,
+                teacher,
+                spec,
+                groups,
+                writer,
+                cfg,
+                batch,
+                is_writer,
+                value_bits,
+                logp_range,
+                split_name,
+            )
+            summary[split_name] = _finish_segment(writer, segment, rank, done)
+        if split_name not in summary:  # nothing was missing
+            summary[split_name] = previous.stats
+            if rank == 0:
+                print(f"[dump {split_name}] the store holds every sample already", flush=True)
     return summary
+
+
+def needed_samples(ids, positions: int | None) -> np.ndarray:
+    """Sorted unique unshuffled ids of a split's first ``positions`` samples in training order
+    (as the trainer reads them: positions beyond the split wrap around); all with None."""
+    if positions is None:
+        return np.arange(ids.total, dtype=np.int64)
+    order = np.arange(positions, dtype=np.int64) % max(ids.total, 1)
+    return np.unique(ids.of(order))
+
+
+def plan_segments(split_dir: str, header: F.StoreHeader, needed: np.ndarray, per_shard: int):
+    """The segments still to write: an unfinished one (its recorded sample list), then one
+    for the needed samples the store does not hold. Each is {"index", "positions",
+    "samples" (ids, ascending), "shards", "per_shard"}."""
+    out, held = [], [_legacy_samples(split_dir, header)]
+    for index, segment in enumerate(header.segments):
+        samples = _read_samples(split_dir, segment["file"])
+        held.append(samples)
+        if not segment["complete"]:
+            out.append(
+                {
+                    "index": index,
+                    "positions": segment["positions"],
+                    "samples": samples,
+                    "per_shard": segment["per_shard"],
+                }
+            )
+    missing = np.setdiff1d(needed, np.unique(np.concatenate(held)))
+    if missing.size:
+        out.append(
+            {"index": len(header.segments), "positions": int(needed.size), "samples": missing}
+        )
+    for segment in out:
+        segment.setdefault("per_shard", per_shard)
+        segment["shards"] = -(-len(segment["samples"]) // segment["per_shard"])
+    return out
+
+
+def _read_samples(split_dir: str, name: str) -> np.ndarray:
+    path = os.path.join(split_dir, name)
+    try:
+        return np.load(path, allow_pickle=False).astype(np.int64)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"logits store segment list {path} is unreadable ({err})") from None
+
+
+def _legacy_samples(split_dir: str, header: F.StoreHeader) -> np.ndarray:
+    """Samples of a store written before segments existed (its shard files' ids)."""
+    if header.segments or not os.path.isdir(split_dir):
+        return np.zeros(0, dtype=np.int64)
+    ids = [
+        F.ShardFile(os.path.join(split_dir, n)).sample_ids.astype(np.int64)
+        for n in sorted(os.listdir(split_dir))
+        if n.startswith("shard_") and n.endswith(".pd")
+    ]
+    return np.unique(np.concatenate(ids)) if ids else np.zeros(0, dtype=np.int64)
+
+
+def _shard_name(segment: dict, shard: int) -> str:
+    # the first segment keeps the original names (shard_00000.pd ...), later ones are apart
+    return f"{shard:05d}" if segment["index"] == 0 else f"s{segment['index']:03d}_{shard:05d}"
+
+
+def _dump_segment(
+    segment,
+    ids,
+    teacher,
+    spec,
+    groups,
+    writer,
+    cfg,
+    batch,
+    is_writer,
+    value_bits,
+    logp_range,
+    split_name,
+) -> dict:
+    """Write this replica's shards of one segment (round-robin over the DP replicas)."""
+    rank = dist.get_rank()
+    dp_rank, dp_size = dist.get_rank(groups.dp), dist.get_world_size(groups.dp)
+    samples, per_shard = segment["samples"], segment["per_shard"]
+    if rank == 0 and segment["index"] == len(writer.header.segments):
+        # the plan is written before any shard: a restart finishes exactly this segment
+        import io
+
+        name = f"segment_{segment['index']:03d}.npy"
+        buffer = io.BytesIO()
+        np.save(buffer, samples.astype(np.int64), allow_pickle=False)
+        F.write_atomic(os.path.join(writer.split_dir, name), buffer.getvalue())
+        header = writer.header
+        header.segments.append(
+            {
+                "file": name,
+                "positions": segment["positions"],
+                "samples": int(len(samples)),
+                "shards": segment["shards"],
+                "per_shard": per_shard,
+                "complete": False,
+            }
+        )
+        header.complete = False
+        header.write(writer.split_dir)
+    dist.barrier()
+    meter = _Progress(len(samples) * cfg.data.seq_length, split_name) if rank == 0 else None
+    done_tokens = 0
+    for shard in range(dp_rank, segment["shards"], dp_size):
+        members = samples[shard * per_shard : (shard + 1) * per_shard].tolist()
+        name = _shard_name(segment, shard)
+        done = torch.tensor([1.0 if is_writer and writer.shard_done(name) else 0.0])
+        dist.all_reduce(done, op=dist.ReduceOp.MAX, group=groups.mp)
+        if done.item():  # resumed: this shard was written before
+            done_tokens += len(members) * cfg.data.seq_length * dp_size
+            continue
+        raw_blocks = []
+        stats = {"tokens": 0, "kept": 0, "kl_sum": 0.0, "kl_rows": 0}
+        for start in range(0, len(members), batch):
+            chunk = members[start : start + batch]
+            tokens = torch.stack([ids.sample(g)["tokens"] for g in chunk])
+            kept = _kept_entries(teacher, tokens, spec, cfg.loss.fused_output_layer)
+            if teacher.is_last_stage and is_writer:
+                kept_ids = kept.indices.view(len(chunk), -1, spec.slots).cpu().numpy()
+                kept_lp = kept.logprobs.view(len(chunk), -1, spec.slots).cpu().numpy()
+                kept_tail = kept.log_tail.view(len(chunk), -1).cpu().numpy()
+                for b in range(len(chunk)):
+                    raw_blocks.append(writer.encode(kept_ids[b], kept_lp[b], kept_tail[b]))
+                valid = kept_ids >= 0
+                stats["tokens"] += int(valid.shape[0] * valid.shape[1])
+                stats["kept"] += int(valid.sum())
+                if start == 0:  # value-encoding fidelity on each shard's first batch
+                    decoded = F.dequantize(
+                        F.quantize(kept_lp, value_bits, logp_range), value_bits, logp_range
+                    )
+                    flat_valid = valid.reshape(-1, spec.slots)
+                    rows = flat_valid.shape[0]
+                    stats["kl_sum"] += (
+                        kl_fidelity(
+                            kept_lp.reshape(-1, spec.slots),
+                            decoded.reshape(-1, spec.slots),
+                            flat_valid,
+                        )
+                        * rows
+                    )
+                    stats["kl_rows"] += rows
+            done_tokens += len(chunk) * cfg.data.seq_length * dp_size
+            if meter:
+                meter.update(min(done_tokens, meter.total))
+        if is_writer:
+            writer.write_shard(name, members, [-1] * len(members), raw_blocks, stats)
+    dist.barrier()
+    if meter:
+        meter.update(meter.total, final=True)
+    return {"shards": [_shard_name(segment, s) for s in range(segment["shards"])]}
 
 
 def _kept_entries(teacher, tokens_BS, spec: TruncationSpec, fused: bool):
@@ -208,24 +344,28 @@ def _kept_entries(teacher, tokens_BS, spec: TruncationSpec, fused: bool):
 def _start_or_resume(split_dir: str, header: F.StoreHeader) -> None:
     """Write the (incomplete) header, or check a previous dump's header matches."""
     path = os.path.join(split_dir, "header.json")
-    if os.path.isfile(path):
+    if os.path.isfile(path):  # resume or extend: the same samples, teacher and encoding
         previous = F.StoreHeader.read(split_dir)
         compare_headers(asdict(previous), expected_fields(header), "header")
-        if previous.complete:
-            return
+        checkpoint = {"checkpoint": header.teacher["checkpoint"]}
+        compare_headers(previous.teacher, checkpoint, "header.teacher")
+        return
     header.write(split_dir)
 
 
-def _finish(writer: StoreWriter, num_shards: int, rank: int, meter) -> dict:
-    """Check every shard exists, sum their statistics, mark the split complete (rank 0)."""
-    missing = [s for s in range(num_shards) if not os.path.isfile(writer.shard_path(s))]
+def _finish_segment(writer: StoreWriter, segment: dict, rank: int, done: dict) -> dict:
+    """Check the segment's shards exist, mark it (and the split) complete, sum the statistics
+    of every shard of the store (rank 0 writes the header)."""
+    missing = [n for n in done["shards"] if not os.path.isfile(writer.shard_path(n))]
     if missing:
         raise RuntimeError(f"logits dump finished with missing shards: {missing[:3]}")
-    stats, _ = writer.summary()
+    stats, num_shards = writer.summary()
     if rank == 0:
-        writer.header.stats = stats
-        writer.finish(num_shards)
-        if meter:
-            meter.update(meter.total, final=True)
+        header = writer.header
+        header.segments[segment["index"]]["complete"] = True
+        header.stats = stats
+        header.num_shards = num_shards
+        header.complete = all(s["complete"] for s in header.segments)
+        header.write(writer.split_dir)
     dist.barrier()
     return stats

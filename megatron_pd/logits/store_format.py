@@ -69,6 +69,9 @@ class StoreHeader:
     )
     samples_per_shard: int = 1024
     num_shards: int = 0
+    # dumps: one entry per dump run ({file: its sorted sample ids (.npy), positions: the
+    # training positions it was asked to cover, samples, shards, complete})
+    segments: list = field(default_factory=list)
     source: str = "dump"  # or "pretraining" (the paper's online logits)
     complete: bool = False
     stats: dict = field(default_factory=dict)  # tokens, kept_per_token, bytes_per_token, ...

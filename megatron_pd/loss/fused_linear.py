@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_pd.loss import stats as S
 from megatron_pd.loss import vocab_parallel as VP
 from megatron_pd.loss.spec import DenseTeacher, LossSpec, SparseTeacher
 from megatron_pd.parallel.collectives import copy_to_group
@@ -54,8 +55,10 @@ class HiddenTeacher:
 
 
 def default_fused_chunk(shard_width: int) -> int:
-    """Tokens per chunk: [C, v] fp32 buffers of about 32 MB (at least 16 tokens)."""
-    return max(16, (1 << 23) // max(shard_width, 1))
+    """Tokens per chunk: [C, v] buffers of about 2^21 elements (8 MB in fp32; about seven
+    live at once), at least 16 tokens: the workspace stays near 60 MB per rank whatever the
+    number of tokens, while each GEMM still has 16+ rows."""
+    return max(16, (1 << 21) // max(shard_width, 1))
 
 
 class FusedLinearDistillFunction(torch.autograd.Function):
@@ -97,9 +100,16 @@ class FusedLinearDistillFunction(torch.autograd.Function):
         elif wants_wgrad:
             grad_weight = torch.zeros(weight_vH.shape, dtype=torch.float32, device=device)
         weights = token_weights_N.to(torch.float32)
+        # one set of [C, v] buffers for every chunk: the logits, their gradient and the loss's
+        # own workspace are allocated (and page-faulted) once, not chunk after chunk
+        width = weight_vH.shape[0]
+        chunk = min(chunk_tokens, max(num_tokens, 1))
+        ws = S.Workspace(chunk, vocab.valid_in_shard, device)
+        logits_buf = torch.empty(chunk, width, dtype=hidden_NH.dtype, device=device)
+        grad_buf = torch.empty_like(logits_buf) if needs_grad else None
         for start, end in VP._chunks(num_tokens, chunk_tokens):
             rows = slice(start, end)
-            logits_Cv = hidden_NH[rows] @ weight_vH.t()
+            logits_Cv = torch.mm(hidden_NH[rows], weight_vH.t(), out=logits_buf[: end - start])
             dense = None
             if isinstance(teacher, DenseTeacher):
                 dense = teacher.logits[rows]
@@ -119,6 +129,7 @@ class FusedLinearDistillFunction(torch.autograd.Function):
                 stats_log,
                 metrics,
                 impl,
+                ws,
             )
             out["loss"][rows], out["lm"][rows], out["kd"][rows] = fwd.loss, fwd.lm, fwd.kd
             for name in ("teacher_entropy", "agree", "kept"):
@@ -127,7 +138,7 @@ class FusedLinearDistillFunction(torch.autograd.Function):
             if not needs_grad:
                 continue
             ce_weight, kd_weight = VP.grad_weights(fwd, spec, weights[rows])
-            grad_Cv = torch.empty_like(logits_Cv)
+            grad_Cv = grad_buf[: end - start]
             VP.loss_grad(
                 grad_Cv,
                 logits_Cv,
@@ -141,8 +152,8 @@ class FusedLinearDistillFunction(torch.autograd.Function):
                 vocab,
                 end - start,
                 impl,
+                ws,
             )
-            del logits_Cv
             torch.mm(grad_Cv, weight_vH, out=grad_hidden[rows])
             if grad_weight is not None:
                 _accumulate_wgrad(grad_weight, grad_Cv, hidden_NH[rows], wgrad_alpha)

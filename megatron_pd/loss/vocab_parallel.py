@@ -111,10 +111,12 @@ def loss_forward(
     stats_log: list,
     metrics: bool,
     impl: str,
+    ws=None,
 ) -> LossForward:
     """Per-token losses of vocab-sharded logits (collective: one all-gather, JSD one more).
 
-    ``sparse`` is ``_sparse_prep`` of a sparse teacher (None for dense or no teacher).
+    ``sparse`` is ``_sparse_prep`` of a sparse teacher (None for dense or no teacher); ``ws``
+    a stats.Workspace to reuse (a caller looping over chunks keeps one for all of them).
     """
     num_tokens = student_Nv.shape[0]
     valid = vocab.valid_in_shard
@@ -152,7 +154,7 @@ def loss_forward(
                     local[start:end, column] = S.outside_exp_sum(exp, part)
     else:
         local = torch.empty(num_tokens, 2 + len(names), device=device)
-        ws = S.Workspace(min(chunk_tokens, num_tokens), valid, device)
+        ws = ws or S.Workspace(min(chunk_tokens, num_tokens), valid, device)
         for start, end in _chunks(num_tokens, chunk_tokens):
             local[start:end] = S.chunk_local_stats(
                 student_Nv[start:end, :valid],
@@ -240,6 +242,7 @@ def loss_grad(
     vocab: VocabInfo,
     chunk_tokens: int,
     impl: str,
+    ws=None,
 ) -> None:
     """Write d(sum_t ce_weight_t CE_t + kd_weight_t KD_t) / d logits into ``grad_Nv`` (the
     logits' dtype; padded columns 0). ``ce_weight``/``kd_weight`` [N] already include alpha,
@@ -280,7 +283,8 @@ def loss_grad(
             _overwrite_kept(grad_Nv[:, :valid], sparse, kept)
         return
     direct = grad_Nv.dtype == torch.float32  # compute straight into the gradient
-    ws = S.Workspace(min(chunk_tokens, max(student_Nv.shape[0], 1)), valid, student_Nv.device)
+    rows_needed = min(chunk_tokens, max(student_Nv.shape[0], 1))
+    ws = ws or S.Workspace(rows_needed, valid, student_Nv.device)
     for start, end in _chunks(student_Nv.shape[0], chunk_tokens):
         if valid == 0:
             break

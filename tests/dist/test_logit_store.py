@@ -82,7 +82,8 @@ def direct_entries(rank, world_size, teacher_run, small_corpus, sample_ids):
 
 def test_round_trip_and_summary(store, teacher_run, small_corpus):
     reader = StoreReader(os.path.join(store["dir"], "train"))
-    samples = [0, 1, 63, 64, reader.num_samples - 1]
+    held = reader.sample_ids()
+    samples = [held[0], held[1], held[len(held) // 2], held[-1]]
     expected_ids, expected_logp, expected_tail = run_distributed(
         direct_entries, 1, teacher_run, small_corpus, samples)[0]
     for b, sample in enumerate(samples):
@@ -112,20 +113,20 @@ def test_round_trip_and_summary(store, teacher_run, small_corpus):
 def test_interrupted_dump_is_byte_identical(store, small_corpus, teacher_run, tmp_path):
     args = store["args"]
     reference = str(tmp_path / "uninterrupted")
-    run_distributed(dump_in_ranks, 2, args, reference, ["valid"], 8)
+    run_distributed(dump_in_ranks, 2, args, reference, ["train"], 2)
     command = torchrun_command(os.path.join(REPO, "tools", "dump_teacher_logits.py"), "--store",
-                               str(tmp_path / "resumed"), "--splits", "valid",
-                               "--samples-per-shard", "8", *args)
-    split = tmp_path / "resumed" / "valid"
+                               str(tmp_path / "resumed"), "--splits", "train",
+                               "--samples-per-shard", "2", *args)
+    split = tmp_path / "resumed" / "train"
     sigkill_when(command, lambda: split.exists() and len(list(split.glob("shard_*.pd"))) >= 2,
                  timeout=120, poll=0.02)
     assert not json.load(open(split / "header.json"))["complete"]
     done = subprocess.run(command, env=TORCHRUN_ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    names = sorted(os.listdir(os.path.join(reference, "valid")))
+    names = sorted(os.listdir(os.path.join(reference, "train")))
     assert names == sorted(os.listdir(split))
     for name in names:
-        a = open(os.path.join(reference, "valid", name), "rb").read()
+        a = open(os.path.join(reference, "train", name), "rb").read()
         assert a == open(split / name, "rb").read(), name
 
 
@@ -346,3 +347,68 @@ def test_dry_run_describes_the_store(store, tmp_path, capsys):
     assert "dry run OK" in out
     assert main(base + [f"--distill.store={tmp_path}"]) == 2
     assert f"{tmp_path}/train is not a logits store split" in capsys.readouterr().err
+
+
+def run_samples(rank, world_size, args):
+    """The unshuffled ids a run with ``args`` reads: train steps x global batch positions of
+    the train split, the validation batches of the valid split."""
+    from megatron_pd.data.datasets import build_splits, sample_ids_of
+    from megatron_pd.data.tokenizer import load_tokenizer
+    from megatron_pd.logits.dump import needed_samples
+
+    cfg = load_config(None, args)
+    gbs = cfg.train.global_batch_size
+    splits = build_splits(cfg.data, load_tokenizer(cfg.data.tokenizer_model),
+                          (cfg.total_steps() * gbs, cfg.train.eval_batches * gbs, 0),
+                          cfg.data.cache_dir)
+    ids = sample_ids_of(splits)
+    return {
+        "train": needed_samples(ids["train"], cfg.total_steps() * gbs).tolist(),
+        "valid": needed_samples(ids["valid"], cfg.train.eval_batches * gbs).tolist(),
+        "fingerprint": ids["train"].fingerprint(),
+    }
+
+
+def test_dump_covers_exactly_the_run_and_extends_without_rewriting(store, tmp_path):
+    """A dump holds the samples its run reads, no more; dumping for twice the steps adds a
+    segment with only the missing samples (every existing file byte-identical); a student
+    reading past a store's samples is an error before step 1 that says how to extend it."""
+    wanted = run_distributed(run_samples, 1, store["args"])[0]
+    for split in ("train", "valid"):
+        assert StoreReader(os.path.join(store["dir"], split)).sample_ids() == wanted[split]
+    longer = store["args"] + ["--train.train_steps=8"]
+    wanted_longer = run_distributed(run_samples, 1, longer)[0]
+    assert wanted_longer["fingerprint"] == wanted["fingerprint"]  # the same samples, more
+    assert set(wanted["train"]) < set(wanted_longer["train"])
+
+    copy = str(tmp_path / "store")
+    shutil.copytree(store["dir"], copy)
+    before = {p: open(os.path.join(copy, "train", p), "rb").read()
+              for p in os.listdir(os.path.join(copy, "train")) if p.startswith("shard_")}
+    student = student_args_of(longer, copy, tmp_path / "short")
+    error = run_distributed(train_error, 1, student)[0]
+    assert "reads 64 of the train split" in error and "extend the store" in error, error
+
+    run_distributed(dump_in_ranks, 2, longer, copy, ["train", "valid"], 64)
+    train = os.path.join(copy, "train")
+    for name, data in before.items():
+        assert open(os.path.join(train, name), "rb").read() == data, name
+    header = json.load(open(os.path.join(train, "header.json")))
+    assert header["complete"] and [s["complete"] for s in header["segments"]] == [True, True]
+    assert header["segments"][1]["samples"] == len(wanted_longer["train"]) - len(wanted["train"])
+    assert StoreReader(train).sample_ids() == wanted_longer["train"]
+    assert run_distributed(train_error, 1, student)[0] is None  # now it trains
+
+
+def student_args_of(dump_args, store_dir, run_dir):
+    """A student's training args from a dump's: the store instead of the live teacher."""
+    args = [a for a in dump_args if not a.startswith(("--distill.teacher", "--run_dir"))]
+    return args + [f"--distill.store={store_dir}", f"--run_dir={run_dir}"]
+
+
+def train_error(rank, world_size, args):
+    try:
+        train_in_ranks(rank, world_size, args)
+    except ValueError as err:
+        return str(err)
+    return None
