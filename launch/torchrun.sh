@@ -22,5 +22,6 @@ source "$REPO/launch/env/${SITE_ENV}.sh"
 cd "$REPO"
 # Validate config, topology and data in one process first: one clear error line, no GPUs used.
 python -m megatron_pd.train --config "$CONFIG" --dry-run --world-size "$NPROC_PER_NODE" "$@"
-exec torchrun --standalone --nproc_per_node="$NPROC_PER_NODE" --master_port="$MASTER_PORT" \
+exec python -m megatron_pd.launch --standalone --nproc_per_node="$NPROC_PER_NODE" \
+  --master_port="$MASTER_PORT" \
   -m megatron_pd.train --config "$CONFIG" "$@"

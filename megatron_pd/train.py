@@ -203,8 +203,12 @@ def run(cfg) -> dict:
         loaded = init_weights(module, cfg.checkpoint.init_from, tokenizer.fingerprint)
         if rank == 0:
             print(f"initialised the weights from {loaded}", flush=True)
+    from megatron_pd.engine.trainer import TrainingStopped
+
     try:
         return trainer.fit()
+    except TrainingStopped:  # every rank agrees on it (rank 0 reports it)
+        raise
     except ValueError as err:  # e.g. a damaged logits shard: only the rank reading it knows
         raise RankLocalError(str(err)) from err
 
@@ -246,11 +250,16 @@ class RankLocalError(ValueError):
 
 def main(argv=None) -> int:
     from megatron_pd.platform import quiet_known_warnings
-    from megatron_pd.platform.lifetime import die_with_parent, launched_by_torchrun
+    from megatron_pd.platform.lifetime import (
+        contain_helpers,
+        die_with_parent,
+        launched_by_torchrun,
+    )
 
     quiet_known_warnings()
-    if launched_by_torchrun():  # a rank stops (saving) when its launcher dies
-        die_with_parent()
+    if launched_by_torchrun():  # a rank stops (saving) when its launcher dies, and nothing
+        die_with_parent()  # it started outlives it
+        contain_helpers()
     args, overrides = build_parser().parse_known_args(argv)
     if args.help_config:
         for name, type_name, default, doc in describe_fields():
@@ -269,6 +278,10 @@ def main(argv=None) -> int:
         elif isinstance(err, RankLocalError):
             print(f"error (rank {rank}): {err}", file=sys.stderr, flush=True)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C before training started (during it: save and exit)
+        if rank == 0:
+            print("interrupted before training started: nothing to save", file=sys.stderr)
+        return 130
     finally:
         import torch.distributed as dist
 

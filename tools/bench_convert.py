@@ -52,7 +52,8 @@ elif mode == "hold":
     for name in sorted(os.listdir(sys.argv[2])):
         if name.endswith(".safetensors"):
             # cloned: in memory, not pages of the memory-mapped file
-            state.update({k: v.clone() for k, v in load_file(os.path.join(sys.argv[2], name)).items()})
+            loaded = load_file(os.path.join(sys.argv[2], name))
+            state.update({k: v.clone() for k, v in loaded.items()})
     torch.save(state, os.path.join(sys.argv[3], "whole.pt"))
 else:
     import megatron_pd.models.convert  # noqa: F401
@@ -127,8 +128,15 @@ def main(argv=None) -> int:
                 "script", tool, "hf-to-megatron", "--hf", hf, "--out", os.path.join(tmp, "run")
             ),
             "megatron-to-hf (layer by layer)": _run(
-                "script", tool, "megatron-to-hf", "--load", os.path.join(tmp, "run"),
-                "--out", os.path.join(tmp, "back"), "--shard-gb", "0.1",
+                "script",
+                tool,
+                "megatron-to-hf",
+                "--load",
+                os.path.join(tmp, "run"),
+                "--out",
+                os.path.join(tmp, "back"),
+                "--shard-gb",
+                "0.1",
             ),
             "holding the whole model (comparison)": _run("hold", hf, tmp),
         }

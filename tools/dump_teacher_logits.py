@@ -29,11 +29,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def main(argv=None) -> int:
     from megatron_pd.config.loader import load_config
     from megatron_pd.platform import quiet_known_warnings
-    from megatron_pd.platform.lifetime import die_with_parent, launched_by_torchrun
+    from megatron_pd.platform.lifetime import (
+        contain_helpers,
+        die_with_parent,
+        launched_by_torchrun,
+    )
 
     quiet_known_warnings()
     if launched_by_torchrun():  # a rank stops when its launcher dies (its shards are atomic)
         die_with_parent()
+        contain_helpers()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", help="the student's YAML training config")
     parser.add_argument("--store", required=True, help="output store directory")

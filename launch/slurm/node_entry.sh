@@ -38,6 +38,7 @@ if [ "$NODE_RANK" = "0" ] && [ "$ENTRY" = "-m megatron_pd.train" ]; then
     --world-size "$((NNODES * GPUS_PER_NODE))" "$@"
 fi
 # shellcheck disable=SC2086  # ENTRY is "-m module" or a script path: split on purpose
-exec torchrun --nnodes="$NNODES" --node_rank="$NODE_RANK" --nproc_per_node="$GPUS_PER_NODE" \
+exec python -m megatron_pd.launch --nnodes="$NNODES" --node_rank="$NODE_RANK" \
+  --nproc_per_node="$GPUS_PER_NODE" \
   --rdzv_id="${SLURM_JOB_ID}" --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" \
   $ENTRY --config "$CONFIG" "${TASK_ARGS[@]}" "$@"

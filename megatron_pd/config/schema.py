@@ -260,9 +260,27 @@ class TrainConfig:
     this path (the paper's "online logits" of a teacher's pre-training)."""
     record_truncation: str = "top-0.95-100"
     """The truncation of recorded logits (top-P-K)."""
+    max_skipped_steps: int = 5
+    """A step whose loss (lm or kd term) or gradient is not finite is skipped - no optimizer
+    update, its batch dropped - and logged; this many in a row stop the run with an error."""
+    spike_factor: Optional[float] = None
+    """Roll back on a loss spike: when a step's training loss exceeds this factor times its
+    running mean (after spike_warmup_steps), reload the last checkpoint and go on with the
+    batches after the spike (the ones since that checkpoint are skipped). None: no rollback."""
+    spike_warmup_steps: int = 20
+    """Steps of running mean before spikes are looked for."""
+    max_rollbacks: int = 3
+    """Loss-spike rollbacks allowed in a run; one more is an error."""
 
     def __post_init__(self):
         _positive("train.micro_batch_size", self.micro_batch_size)
+        _positive("train.max_skipped_steps", self.max_skipped_steps)
+        if self.spike_factor is not None and not self.spike_factor > 1.0:
+            _fail("train.spike_factor", self.spike_factor, "must be > 1 (or null: no rollback)")
+        if self.spike_warmup_steps < 0:
+            _fail("train.spike_warmup_steps", self.spike_warmup_steps, "must be >= 0")
+        if self.max_rollbacks < 0:
+            _fail("train.max_rollbacks", self.max_rollbacks, "must be >= 0")
         _positive("train.global_batch_size", self.global_batch_size)
         if (self.train_steps is None) == (self.train_tokens is None):
             _fail(

@@ -45,6 +45,16 @@ from megatron_pd.parallel.exchange import (
 from megatron_pd.parallel.topology import Layout
 
 
+def _finite_teacher(payload) -> bool:
+    """No NaN or +inf in what the teacher sent (-inf logits of masked columns are fine)."""
+    if isinstance(payload, DenseTeacher):
+        x = payload.logits
+        return not (torch.isnan(x).any() or torch.isposinf(x).any())
+    if isinstance(payload, HiddenTeacher):
+        return bool(torch.isfinite(payload.hidden).all())
+    return bool(torch.isfinite(payload.logprobs[payload.valid]).all())
+
+
 class DistillTrainModule(TrainModule):
     """The student's step with a frozen teacher; see module doc."""
 
@@ -249,6 +259,27 @@ class DistillTrainModule(TrainModule):
             payload = self._store_payload(batch)
             self._teacher_seconds += time.perf_counter() - start
             return payload
+        try:
+            payload = self._live_payload(batch)
+        except ValueError as err:  # e.g. NaN teacher logits met by the truncation
+            raise ValueError(f"{self._where(batch)}: {err}") from None
+        if payload is not None and not _finite_teacher(payload):
+            raise ValueError(
+                f"{self._where(batch)}: the teacher's outputs are not finite (NaN or +inf): "
+                "the student is never trained on them"
+            )
+        self._teacher_seconds += time.perf_counter() - start
+        return payload
+
+    def _where(self, batch: dict) -> str:
+        ids = batch.get("sample_ids")
+        shown = ids.tolist()[:8] if ids is not None else "?"
+        return (
+            f"train step {self.step + 1}, rank {self.rank}, samples {shown} "
+            f"({batch.get('split', 'train')} split)"
+        )
+
+    def _live_payload(self, batch: dict):
         tokens = batch["tokens"]
         size, seq = tokens.shape
         union = gather_union_tokens(
@@ -299,7 +330,6 @@ class DistillTrainModule(TrainModule):
                     )
                 else:
                     payload = DenseTeacher(flat)
-        self._teacher_seconds += time.perf_counter() - start
         return payload
 
     def _sparse_payload(self, union, size: int, seq: int, output_rank: bool):

@@ -78,6 +78,16 @@ class MetricsLogger:
                 f.write(json.dumps(row) + "\n")
         os.replace(tmp, self.path)
 
+    def rewind(self, step: int) -> None:
+        """Forget the rows after ``step`` (a rollback restarts from there)."""
+        if self.enabled:
+            self._truncate_after(step)
+
+    def event(self, step: int, values: dict) -> None:
+        """A row of its own (split "event"): rollbacks and the like, kept in metrics.jsonl."""
+        if self.enabled:
+            self._append({"split": "event", "step": step, **values})
+
     def _append(self, row: dict) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")

@@ -12,6 +12,7 @@ Shape legend: B micro-batch, S sequence, N = B*S tokens, v this rank's vocab sha
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,7 @@ from megatron_pd.models.gpt import (
 )
 from megatron_pd.parallel.collectives import gather_dim0
 from megatron_pd.parallel.vocab import VocabInfo, model_padded_vocab
+from megatron_pd.platform.faults import fault
 
 _LM_ONLY = LossSpec(alpha=0.0)  # plain next-token cross-entropy over the true vocabulary
 # per-token values that cost extra passes over the vocabulary: computed on metric steps only
@@ -63,6 +65,7 @@ class StepResult:
     grad_norm: float | None
     skipped: bool
     extras: dict
+    nonfinite: str | None = None  # what was not finite when the step was skipped for it
 
 
 class TrainModule:
@@ -267,6 +270,13 @@ class TrainModule:
             self.recorder.record(student, batch["sample_ids"], self.step + 1)
         mask_N = batch["loss_mask"].reshape(-1).float()
         loss_sum, terms = self.loss_terms(student, batch, mask_N)
+        if self.model.training and fault("nan_loss", self.step + 1):
+            loss_sum = loss_sum + float("nan")  # the value, not its gradient
+            terms = dict(
+                terms, loss=terms["loss"] + float("nan"), lm_loss=terms["lm_loss"] * float("nan")
+            )
+        if self.model.training and fault("spike_loss", self.step + 1):
+            terms = dict(terms, loss=terms["loss"] * 1000.0)  # reported only
         if self.capture is not None:  # per-token values, for tests and debugging
             self.capture.append({"microbatch": batch.get("microbatch"), **terms})
         report = {name: (value * mask_N).sum() for name, value in terms.items()}
@@ -337,9 +347,47 @@ class TrainModule:
         one = torch.ones(1, device=self.device)
         self._grad_scale = float(self.model_config.grad_scale_func(one))
         reports = self._run_schedule(microbatches, forward_only=False)
-        updated, grad_norm, _ = self.optimizer.step()
+        fault("forward_backward", self.step + 1)
+        if fault("nan_grad", self.step + 1):
+            self.model.buffers[0].grad_data[0] = float("nan")
         totals = self._reduce_reports(reports, "train")
+        problem = self._nonfinite(totals, reports)
+        if problem is not None:  # never trained on: no update, the optimizer state untouched
+            result = _result(totals, None, skipped=True)
+            result.nonfinite = problem
+            return result
+        updated, grad_norm, _ = self.optimizer.step()
         return _result(totals, grad_norm, skipped=not updated)
+
+    def _nonfinite(self, totals: dict, reports: list) -> str | None:
+        """What is not finite in this step - "kd loss on rank 1, gradients on rank 0" - or
+        None. Every rank gets the same answer (one MAX all-reduce of a flag; the ranks are
+        gathered only when something is wrong)."""
+        terms = [n for n in ("lm_loss", "kd_loss", "loss") if n in totals]
+        bad_terms = [n for n in terms if not math.isfinite(totals[n])]
+        local_grads = any(
+            not torch.isfinite(buffer.grad_data).all()
+            for buffer in self.model.buffers + self.model.expert_parallel_buffers
+        )
+        flag = torch.tensor([1.0 if (bad_terms or local_grads) else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if not flag.item():
+            return None
+        local_terms = [
+            n for n in terms if any(not math.isfinite(float(r[n])) for r in reports if n in r)
+        ]
+        local = {"terms": local_terms, "grads": local_grads}
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, local)
+        parts = []
+        for name in ("lm_loss", "kd_loss"):
+            ranks = [r for r, info in enumerate(everyone) if name in info["terms"]]
+            if ranks or name in bad_terms:
+                parts.append(f"{name.replace('_loss', '')} loss on rank(s) {ranks or '?'}")
+        ranks = [r for r, info in enumerate(everyone) if info["grads"]]
+        if ranks:
+            parts.append(f"gradients on rank(s) {ranks}")
+        return ", ".join(parts) or "the loss"
 
     @torch.no_grad()
     def eval_step(self, microbatches: list) -> StepResult:

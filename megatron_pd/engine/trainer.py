@@ -8,6 +8,7 @@ a checkpoint at the end of the current step and exit cleanly.
 
 from __future__ import annotations
 
+import math
 import resource
 import signal
 import time
@@ -33,12 +34,13 @@ def memory_gb(device: torch.device) -> dict:
 
 
 class _StopRequest:
-    """Remembers a pre-emption signal; every rank agrees on it at step boundaries."""
+    """Remembers a pre-emption signal (SIGTERM, SIGUSR1, or Ctrl-C's SIGINT); every rank
+    agrees on it at step boundaries, saves and exits."""
 
     def __init__(self):
         self.flag = False
         self._previous = {}
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread
@@ -55,6 +57,10 @@ class _StopRequest:
     def restore(self):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+class TrainingStopped(ValueError):
+    """The run cannot go on (non-finite steps in a row, too many loss spikes): one line."""
 
 
 class Trainer:
@@ -85,6 +91,9 @@ class Trainer:
         )
         self.step = 0
         self.consumed_samples = 0
+        self.skipped_in_a_row = 0  # steps skipped for non-finite values (train.max_skipped_steps)
+        self.rollbacks = 0  # loss-spike rollbacks (train.spike_factor)
+        self.loss_history: list = []
         self.tokenizer_fingerprint = tokenizer_fingerprint
         self.distill = cfg.distill.enabled
         self.sample_ids = sample_ids  # unshuffled ids per split (datasets.sample_ids_of)
@@ -245,6 +254,9 @@ class Trainer:
                 self.consumed_samples += cfg.train.global_batch_size
                 last = self.train_values(result, lr, watch.seconds)
                 logger.log_train(self.step, last, watch.seconds)
+                self._check_finite(result, logger)
+                if self._spike(result, logger):
+                    continue
                 self.checkpoints.poll()
                 interval = cfg.train.eval_interval
                 if interval and self.step % interval == 0 and self.step < self.total_steps:
@@ -274,6 +286,72 @@ class Trainer:
             stop.restore()
             logger.close()
         return last
+
+    def _check_finite(self, result, logger: MetricsLogger) -> None:
+        """Count steps skipped for non-finite values; too many in a row end the run."""
+        if result.nonfinite is None:
+            self.skipped_in_a_row = 0
+            return
+        self.skipped_in_a_row += 1
+        limit = self.cfg.train.max_skipped_steps
+        logger.text(
+            f"step {self.step} skipped: not finite: {result.nonfinite} (no update, its batch "
+            f"dropped; {self.skipped_in_a_row} in a row, train.max_skipped_steps={limit})"
+        )
+        if self.skipped_in_a_row >= limit:
+            raise TrainingStopped(
+                f"{self.skipped_in_a_row} steps in a row were not finite (last: step "
+                f"{self.step}, {result.nonfinite}): the run stops; its last checkpoint is "
+                "intact (a lower learning rate, or bf16 instead of fp16, may help)"
+            )
+
+    def _spike(self, result, logger: MetricsLogger) -> bool:
+        """Loss-spike policy (train.spike_factor): roll back to the last checkpoint, keep the
+        data position (the batches since the checkpoint are skipped). True if it rolled back."""
+        factor = self.cfg.train.spike_factor
+        if factor is None or result.nonfinite is not None or not math.isfinite(result.loss):
+            return False
+        history = self.loss_history
+        warm = len(history) >= max(self.cfg.train.spike_warmup_steps, 1)
+        mean = sum(history) / len(history) if history else None
+        if not (warm and result.loss > factor * mean):
+            history.append(result.loss)
+            del history[: -max(self.cfg.train.spike_warmup_steps, 1)]
+            return False
+        from megatron_pd.models.checkpoint import latest_checkpoint, load_checkpoint
+
+        self.checkpoints.wait()
+        path = latest_checkpoint(self.checkpoints.root)
+        if path is None:
+            logger.text(
+                f"step {self.step}: loss {result.loss:.4f} > {factor} x running mean "
+                f"{mean:.4f}, but there is no checkpoint to roll back to: going on"
+            )
+            return False
+        self.rollbacks += 1
+        if self.rollbacks > self.cfg.train.max_rollbacks:
+            raise TrainingStopped(
+                f"loss spike at step {self.step} ({result.loss:.4f} > {factor} x {mean:.4f}) "
+                f"after {self.rollbacks - 1} rollbacks (train.max_rollbacks): the run stops"
+            )
+        spiked, position = self.step, self.consumed_samples
+        state = load_checkpoint(self.module, path)
+        self.step = int(state.get("step", 0))
+        self.consumed_samples = position  # the batches since the checkpoint are skipped
+        if self.module.recorder is not None:
+            self.module.recorder.discard_after(self.step)
+        logger.rewind(self.step)
+        logger.event(
+            self.step,
+            {"rollback_from": spiked, "loss": result.loss, "running_mean": mean, "to": path},
+        )
+        logger.text(
+            f"loss spike at step {spiked}: {result.loss:.4f} > {factor} x running mean "
+            f"{mean:.4f}; rolled back to {path} (step {self.step}), skipping the "
+            f"{(spiked - self.step) * self.cfg.train.global_batch_size} samples since "
+            f"(rollback {self.rollbacks} of at most {self.cfg.train.max_rollbacks})"
+        )
+        return True
 
     def save(self, logger: MetricsLogger) -> None:
         if self.module.recorder is not None:  # recorded logits stay in step with checkpoints

@@ -103,7 +103,7 @@ def command(plan: Plan, job) -> list:
     """The command line of a job (data preparation runs in-process: None)."""
     if job.kind == "data":
         return None
-    run = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={plan.nproc}"]
+    run = [sys.executable, "-m", "megatron_pd.launch", f"--nproc_per_node={plan.nproc}"]
     run += list(plan.torchrun)
     if job.kind == "dump":
         return run + [DUMP_TOOL, "--config", config_path(plan, job.name), "--store", job.out_dir]

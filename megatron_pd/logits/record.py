@@ -87,6 +87,9 @@ class LogitRecorder:
 
     def flush(self, last_step: int) -> None:
         """Write the buffered samples as this rank's shard for steps up to ``last_step``."""
+        from megatron_pd.platform.faults import fault
+
+        fault("record_flush", last_step)
         if self.is_writer and self._buffer:
             name = f"r{self.dp_rank:03d}_s{self._first_step:07d}-{last_step:07d}"
             tokens = sum(1 for _ in self._buffer) * self.writer.header.dataset["seq_length"]

@@ -122,13 +122,18 @@ class StoreHeader:
         write_atomic(os.path.join(split_dir, _HEADER_NAME), self.to_json().encode())
 
 
-def write_atomic(path: str, data: bytes) -> None:
-    """Write to a temporary name in the same directory, fsync, rename."""
+def write_atomic(path: str, data: bytes, point: str | None = None) -> None:
+    """Write to a temporary name in the same directory, fsync, rename. ``point`` names a
+    fault-injection point between the write and the rename (platform/faults.py)."""
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+    if point is not None:
+        from megatron_pd.platform.faults import fault
+
+        fault(point)
     os.replace(tmp, path)
 
 
@@ -369,7 +374,7 @@ def write_shard(
         *blocks,
     ]
     data = b"".join(parts)
-    write_atomic(path, data)
+    write_atomic(path, data, point="store_shard_write")
     return len(data)
 
 

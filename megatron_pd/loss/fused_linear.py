@@ -176,7 +176,9 @@ class FusedLinearDistillFunction(torch.autograd.Function):
         scale = grad_weighted.to(torch.float32)
         if ctx.main_grad_scale is not None:
             (grad_hidden,) = ctx.saved_tensors
-            if float(scale) != ctx.main_grad_scale:
+            if not torch.isfinite(scale):  # a poisoned upstream: so must be the gradients
+                ctx.weight.main_grad.add_(scale)  # (the step is then skipped, not trained on)
+            elif float(scale) != ctx.main_grad_scale:
                 raise RuntimeError(
                     f"fused output layer: the weight gradient went into main_grad scaled by "
                     f"{ctx.main_grad_scale}, but backward received {float(scale)}"

@@ -24,6 +24,8 @@ import shutil
 import torch
 import torch.distributed as dist
 
+from megatron_pd.platform.faults import fault
+
 LATEST = "latest"
 _PREFIX = "iter_"
 
@@ -145,6 +147,7 @@ class CheckpointManager:
         if self.async_save:
             request.add_finalize_fn(lambda: self._publish(tmp, final))
             self._queue.schedule_async_request(request)
+            fault("async_save", step)
         else:
             dist.barrier()
             self._publish(tmp, final)
@@ -157,6 +160,7 @@ class CheckpointManager:
                 shutil.rmtree(final)
             os.replace(tmp, final)
             _fsync_dir(self.root)
+            fault("checkpoint_before_latest", int(os.path.basename(final)[len(_PREFIX) :]))
             _write_atomic(os.path.join(self.root, LATEST), os.path.basename(final) + "\n")
             self._prune(os.path.basename(final))
         dist.barrier()

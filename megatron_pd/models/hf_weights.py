@@ -324,9 +324,13 @@ def load_hf_weights(model, index: SafetensorsIndex, layout: HFLayout) -> None:
     from megatron_pd.models.init import _sharded_tensors
 
     layout.check_complete(index)
+    from megatron_pd.platform.faults import fault
+
     for param in model.parameters():
         param.fill_(float("nan"))
-    for shard in _sharded_tensors(model):
+    for number, shard in enumerate(_sharded_tensors(model)):
+        if number == 2:
+            fault("teacher_load")
         if shard.data is None or not shard.data.is_floating_point():
             continue
         n_pre = shard.prepend_axis_num

@@ -237,8 +237,11 @@ class FrozenTeacher:
         from megatron.core.dist_checkpointing.validation import StrictHandling
         from torch.distributed.checkpoint.api import CheckpointException
 
+        from megatron_pd.platform.faults import fault
+
         for param in self.model.parameters():
             param.fill_(float("nan"))
+        fault("teacher_load")
         state = {"model": self.model.sharded_state_dict(metadata=sharding_metadata(self.model))}
         try:
             loaded = dist_checkpointing.load(
