@@ -9,12 +9,14 @@ setup(
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["megatron_pd", "megatron_pd.*"]),
-    python_requires=">=3.10",
+    # Tested: 3.11 (megatron-core 0.16.1, the newest for 3.11) and 3.12 (megatron-core 0.19.2).
+    python_requires=">=3.11,<3.13",
     install_requires=[
         # Install the CPU or CUDA torch you want first (see README); any 2.6+ works.
         "torch>=2.6",
-        # The tested range: 0.16.x is the newest megatron-core for Python 3.11.
-        "megatron-core>=0.16.0,<0.17",
+        # The tested range: 0.16.1 on Python 3.11 (the newest release for 3.11) and 0.19.2 on
+        # Python 3.12 (NVIDIA's containers); CI (.ci/run) tests both stacks.
+        "megatron-core>=0.16.1,<0.20",
         "numpy",
         "packaging>=24.2",
         "pyyaml>=6",

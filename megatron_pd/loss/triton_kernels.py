@@ -242,7 +242,7 @@ if HAVE_TRITON:
             p = tl.where(valid, tl.exp(log_p), 0.0)
             t = tl.where(valid, tl.exp(log_t), 0.0)
             mix = beta * t + (1.0 - beta) * p
-            log_mix = tl.log(tl.maximum(mix, 1e-38))
+            log_mix = tl.log(tl.maximum(mix, 1.1754943508222875e-38))  # FLT_MIN, see _grad_kernel
             term_t = tl.where(t > 0, t * (log_t - log_mix), 0.0)
             term_p = tl.where(p > 0, p * (log_p - log_mix), 0.0)
             value += tl.sum(beta * term_t + (1.0 - beta) * term_p, axis=0)
@@ -325,7 +325,12 @@ if HAVE_TRITON:
                             g = p * (kd_w * (2.0 * (p - t) - w_mean) + ce_here)
                         else:  # MODE_JSD
                             mix = beta * t + (1.0 - beta) * p
-                            w = (1.0 - beta) * ((x - lse_s) - tl.log(tl.maximum(mix, 1e-38)))
+                            # Floor at FLT_MIN (the smallest normal fp32), not 1e-38: a subnormal
+                            # constant zeroed this whole gradient in Triton 3.7.1's interpreter
+                            # (bf16 logits; torch 2.13's CUDA wheels pin that Triton), and GPUs
+                            # may flush it to 0, giving log(0).
+                            floor = 1.1754943508222875e-38
+                            w = (1.0 - beta) * ((x - lse_s) - tl.log(tl.maximum(mix, floor)))
                             g = p * (kd_w * (w - w_mean) + ce_here)
                 if HAS_LABELS and not SHARED_CE:
                     g += ce_w * tl.exp(raw - lse_1)

@@ -17,6 +17,7 @@ the same TP/PP with any DP size; model weights reshard to any TP/PP.
 
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
 
@@ -249,7 +250,11 @@ class CheckpointManager:
         state = sharded_state(module, module.groups, is_loading=False, trainer_state=trainer_state)
         try:
             request = dist_checkpointing.save(
-                state, tmp, async_sharded_save=self.async_save, validate_access_integrity=True
+                state,
+                tmp,
+                async_sharded_save=self.async_save,
+                validate_access_integrity=True,
+                **_mcore_async_strategy(dist_checkpointing.save),
             )
         except Exception as err:
             if rank == 0:
@@ -333,6 +338,17 @@ class CheckpointManager:
         self.wait()
         if self._queue is not None:
             self._queue.close()
+
+
+def _mcore_async_strategy(save_fn) -> dict:
+    """``async_strategy="mcore"`` where ``save`` takes it (megatron-core 0.19+), else nothing.
+
+    0.19 defaults to the "nvrx" strategy, which needs nvidia-resiliency-ext; the "mcore" one
+    is the writer 0.16 always uses, and it matches the AsyncCallsQueue this manager drives.
+    """
+    if "async_strategy" in inspect.signature(save_fn).parameters:
+        return {"async_strategy": "mcore"}
+    return {}
 
 
 def load_checkpoint(module, path: str, load_optimizer: bool = True) -> dict:

@@ -12,6 +12,8 @@ _KNOWN_NOISE = (
     r".*torch.distributed.reduce_scatter_tensor.* is deprecated.*",
     r".*torch.distributed.all_gather_into_tensor.* is deprecated.*",
     r"The .grad attribute of a Tensor that is not a leaf Tensor is being accessed.*",
+    # megatron-core 0.19's logging outside torch.distributed (single-process tools): rank 0.
+    r"Could not determine rank from torch.distributed.*",
 )
 
 

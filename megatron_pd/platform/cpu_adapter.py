@@ -1,11 +1,11 @@
 """Run megatron-core on a machine without CUDA: every runtime adaptation, in one place.
 
-megatron-core 0.16 assumes CUDA in a handful of spots that have nothing to do with the math:
-it allocates buffers on ``torch.cuda.current_device()``, writes literal ``device="cuda"``
-in factory calls, forks a CUDA RNG state in every attention forward, calls
-``Tensor.cuda()``/``torch.cuda.synchronize()`` on a few paths, and its optimizers accept only
-parameters whose ``type()`` names a CUDA tensor. Each of those is adapted here, at runtime,
-without editing megatron's files:
+megatron-core (0.16.1 and 0.19.2 tested) assumes CUDA in a handful of spots that have nothing
+to do with the math: it allocates buffers on ``torch.cuda.current_device()``, writes literal
+``device="cuda"`` in factory calls, forks a CUDA RNG state in every attention forward, calls
+``Tensor.cuda()``/``torch.cuda.synchronize()`` (and, from 0.19, ``torch.cuda.current_stream()``)
+on a few paths, and its optimizers accept only parameters whose ``type()`` names a CUDA tensor.
+Each of those is adapted here, at runtime, without editing megatron's files:
 
 ==================  ========================================================================
 patch               what it does on a CPU-only machine
@@ -16,6 +16,10 @@ cuda_factories      a ``TorchFunctionMode`` rewrites a CUDA ``device=`` (or ``.t
 rng_tracker         megatron's RNG-states tracker keeps CPU generator states
 tensor_cuda         ``Tensor.cuda()`` / ``Module.cuda()`` return the object unchanged (CPU)
 synchronize         ``torch.cuda.synchronize()`` is a no-op
+current_stream      (0.19+) ``torch.cuda.current_stream()`` returns torch's CPU stream,
+                    whose ``wait_event``/``wait_stream`` are no-ops: 0.19's DDP bucket sync
+                    asks for it before every gradient reduction, 0.16-0.18 only on paths
+                    CPU runs never take
 optimizer_types     while megatron's mixed-precision optimizers sort their parameters,
                     ``Tensor.type()`` reports the CUDA type names they compare against
 ==================  ========================================================================
@@ -34,16 +38,25 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import importlib.metadata
 
 import torch
+from packaging.version import Version
 from torch.overrides import TorchFunctionMode
 
+# Read from the package metadata, not megatron.core.__version__ (0.19 appends a local tag),
+# and without importing megatron (seconds) at import time.
+MCORE_VERSION = Version(importlib.metadata.version("megatron-core")).release
+
+# The adaptations the installed megatron-core needs, each proven to fire by a test; a patch
+# that a version does not need is not installed, so the test keeps every entry honest.
 PATCH_NAMES = (
     "current_device",
     "cuda_factories",
     "rng_tracker",
     "tensor_cuda",
     "synchronize",
+    *(("current_stream",) if MCORE_VERSION >= (0, 19) else ()),
     "optimizer_types",
 )
 
@@ -104,6 +117,11 @@ def _current_device():
 
 def _synchronize(device=None):
     _hits["synchronize"] += 1
+
+
+def _current_stream(device=None):
+    _hits["current_stream"] += 1
+    return torch.cpu.current_stream()
 
 
 def _tensor_cuda(self, device=None, non_blocking=False, memory_format=torch.preserve_format):
@@ -216,12 +234,15 @@ def activate(force: bool = False) -> bool:
     _originals.update(
         current_device=torch.cuda.current_device,
         synchronize=torch.cuda.synchronize,
+        current_stream=torch.cuda.current_stream,
         tensor_cuda=torch.Tensor.cuda,
         module_cuda=torch.nn.Module.cuda,
         rng_tracker_class=mcore_random.CudaRNGStatesTracker,
     )
     torch.cuda.current_device = _current_device
     torch.cuda.synchronize = _synchronize
+    if "current_stream" in PATCH_NAMES:
+        torch.cuda.current_stream = _current_stream
     torch.Tensor.cuda = _tensor_cuda
     torch.nn.Module.cuda = _module_cuda
 
@@ -251,6 +272,7 @@ def deactivate() -> None:
     _mode = None
     torch.cuda.current_device = _originals.pop("current_device")
     torch.cuda.synchronize = _originals.pop("synchronize")
+    torch.cuda.current_stream = _originals.pop("current_stream")
     torch.Tensor.cuda = _originals.pop("tensor_cuda")
     torch.nn.Module.cuda = _originals.pop("module_cuda")
     mcore_random.CudaRNGStatesTracker = _originals.pop("rng_tracker_class")

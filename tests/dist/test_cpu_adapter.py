@@ -12,12 +12,12 @@ from megatron_pd.platform import cpu_adapter
 def test_inactive_when_cuda_is_available(monkeypatch):
     assert not cpu_adapter.is_active()  # the pytest process itself never activates it
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    before = (torch.cuda.current_device, torch.cuda.synchronize, torch.Tensor.cuda,
-              torch.nn.Module.cuda, torch.Tensor.type)
+    before = (torch.cuda.current_device, torch.cuda.synchronize, torch.cuda.current_stream,
+              torch.Tensor.cuda, torch.nn.Module.cuda, torch.Tensor.type)
     assert cpu_adapter.activate() is False
     assert not cpu_adapter.is_active()
-    after = (torch.cuda.current_device, torch.cuda.synchronize, torch.Tensor.cuda,
-             torch.nn.Module.cuda, torch.Tensor.type)
+    after = (torch.cuda.current_device, torch.cuda.synchronize, torch.cuda.current_stream,
+             torch.Tensor.cuda, torch.nn.Module.cuda, torch.Tensor.type)
     assert before == after
     from megatron.core.tensor_parallel import random as mcore_random
 
