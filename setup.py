@@ -42,9 +42,11 @@ setup(
         # tools/bench_peers.py: the peers it measures the loss against (tested: 0.47.0, 0.8.5;
         # both run on CPU torch, ModelOpt's Megatron plugin with the CPU adaptation).
         "bench": ["nvidia-modelopt>=0.47", "liger-kernel>=0.8.5"],
-        # Tests compare against transformers and lm-eval (tiny local models, local tasks).
+        # Tests compare against transformers and lm-eval (tiny local models, local tasks) and
+        # fuzz every file reader with hypothesis.
         "dev": [
             "pytest>=8",
+            "hypothesis>=6.100",
             "ruff>=0.6",
             "triton>=3.1",
             "transformers>=5.0",

@@ -126,5 +126,10 @@ def hf_models(tmp_path_factory):
         models[family] = path
     tokens = torch.randint(0, _hf.TOKENS, (2, 40), generator=torch.Generator().manual_seed(0))
     expected = {family: _hf.hf_logits(path, tokens) for family, path in models.items()}
-    return {"root": root, "models": models, "tokens": tokens, "expected": expected,
-            "tokenizer": tokenizer}
+    return {
+        "root": root,
+        "models": models,
+        "tokens": tokens,
+        "expected": expected,
+        "tokenizer": tokenizer,
+    }

@@ -114,12 +114,51 @@ class StoreHeader:
                 f"{path}: store version {raw.get('version')} is not supported "
                 f"(this reader reads versions {', '.join(map(str, READABLE_VERSIONS))})"
             )
+        _check_header_fields(raw, path)
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in raw.items() if k in known})
 
     def write(self, split_dir: str) -> None:
         os.makedirs(split_dir, exist_ok=True)
         write_atomic(os.path.join(split_dir, _HEADER_NAME), self.to_json().encode())
+
+
+def _check_header_fields(raw, path: str) -> None:
+    """A header's fields that readers rely on are present and of the right type."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: a store header is a JSON object, not {type(raw).__name__}")
+    wanted = {
+        "vocab_size": int,
+        "tokenizer_fingerprint": str,
+        "dataset": dict,
+        "teacher": dict,
+        "truncation": dict,
+    }
+    for name, kind in wanted.items():
+        if name not in raw:
+            raise ValueError(f"{path}: field {name!r} is missing")
+        if not isinstance(raw[name], kind) or isinstance(raw[name], bool):
+            raise ValueError(f"{path}: field {name!r} must be {kind.__name__}, not {raw[name]!r}")
+    if raw["vocab_size"] <= 0:
+        raise ValueError(f"{path}: field 'vocab_size' must be positive, not {raw['vocab_size']}")
+    nested = (("dataset", "seq_length"), ("truncation", "slots"))
+    nested += tuple(("encoding", k) for k in ("id_bytes", "value_bits") if "encoding" in raw)
+    if "encoding" in raw and not isinstance(raw["encoding"], dict):
+        raise ValueError(f"{path}: field 'encoding' must be dict, not {raw['encoding']!r}")
+    for outer, inner in nested:
+        value = raw[outer].get(inner)
+        if outer == "encoding" and inner == "id_bytes" and value is None:
+            continue  # derived from vocab_size
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(
+                f"{path}: field '{outer}.{inner}' must be a positive integer, not {value!r}"
+            )
+    for name in ("num_shards", "samples_per_shard"):
+        value = raw.get(name, 1)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(
+                f"{path}: field {name!r} must be a non-negative integer, not {value!r}"
+            )
 
 
 def write_atomic(path: str, data: bytes, point: str | None = None) -> None:
@@ -397,6 +436,15 @@ class ShardFile:
             self.meta = json.loads(bytes(self._map[12 : 12 + json_len]))
         except ValueError:
             raise ValueError(f"shard file {path} is corrupt (unreadable metadata)") from None
+        counts = (
+            [self.meta.get(k) for k in ("num_samples", "dictionary_bytes")]
+            if isinstance(self.meta, dict)
+            else [None]
+        )
+        if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
+            raise ValueError(
+                f"shard file {path} is corrupt (metadata lacks num_samples/dictionary_bytes)"
+            )
         n = int(self.meta["num_samples"])
         pos = 12 + json_len
         self.dictionary = bytes(self._map[pos : pos + self.meta["dictionary_bytes"]])

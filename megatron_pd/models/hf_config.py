@@ -22,6 +22,7 @@ config.json is the embedding's rows (``model.padded_vocab_size``), which may be 
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 
@@ -133,8 +134,35 @@ class _Fields:
             raise ValueError(f"{self.where}: {name}={value!r} must be a positive integer")
         return value
 
+    def count(self, name: str, default=None):
+        """A positive integer field, or ``default`` when absent or null."""
+        value = self.get(name)
+        if value is None:
+            return default
+        return self.need(name)
+
+    def number(self, name: str, default=None, *, upper: float | None = None) -> float:
+        """A finite positive number (at most ``upper``)."""
+        value = self.get(name, default)
+        return _number(self.where, name, value, upper)
+
+    def flag(self, name: str, default: bool = False) -> bool:
+        value = self.get(name, default)
+        if not isinstance(value, bool):
+            raise ValueError(f"{self.where}: {name}={value!r} must be true or false")
+        return value
+
     def fail(self, name: str, value, supported: str):
         raise ValueError(f"{self.where}: {name}={value!r} is not supported; supported: {supported}")
+
+
+def _number(where: str, name: str, value, upper: float | None = None) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ok and math.isfinite(value) and value > 0 and (upper is None or value <= upper)
+    if not ok:
+        bound = f" and at most {upper}" if upper is not None else ""
+        raise ValueError(f"{where}: {name}={value!r} must be a finite positive number{bound}")
+    return float(value)
 
 
 def _rope(fields: _Fields) -> dict:
@@ -144,8 +172,10 @@ def _rope(fields: _Fields) -> dict:
     if not isinstance(params, dict) or not isinstance(scaling, dict):
         fields.fail("rope_scaling", scaling or params, "a JSON object or null")
     merged = {**params, **scaling}
-    theta = fields.get("rope_theta", merged.get("rope_theta", 10000.0))
+    theta = fields.number("rope_theta", merged.get("rope_theta", 10000.0))
     kind = merged.get("rope_type", merged.get("type", "default")) or "default"
+    if not isinstance(kind, str):
+        fields.fail("rope_scaling.rope_type", kind, "default (none), llama3")
     # the top-level field (hub layout), else rope_parameters' (transformers 5), else the
     # class default: a default must not hide the value rope_parameters gives
     partial = fields.config.get("partial_rotary_factor")
@@ -153,24 +183,36 @@ def _rope(fields: _Fields) -> dict:
         partial = merged.get("partial_rotary_factor")
     if partial is None:
         partial = fields.get("partial_rotary_factor", 1.0)
-    out = {"rotary_base": float(theta), "rotary_percent": float(partial)}
+    partial = _number(fields.where, "partial_rotary_factor", partial, upper=1.0)
+    out = {"rotary_base": theta, "rotary_percent": partial}
     if kind == "default":
         return out
     if kind != "llama3":
         name = "rope_scaling" if scaling else "rope_parameters"
         fields.fail(f"{name}.rope_type", kind, "default (none), llama3")
+    name = "rope_scaling" if scaling else "rope_parameters"
+
+    def num(key, default):
+        return _number(fields.where, f"{name}.{key}", merged.get(key, default))
+
+    original = merged.get("original_max_position_embeddings", 8192)
+    if not isinstance(original, int) or isinstance(original, bool) or original <= 0:
+        raise ValueError(
+            f"{fields.where}: {name}.original_max_position_embeddings="
+            f"{original!r} must be a positive integer"
+        )
     out.update(
         rope_scaling="llama3",
-        rope_scaling_factor=float(merged.get("factor", 8.0)),
-        rope_low_freq_factor=float(merged.get("low_freq_factor", 1.0)),
-        rope_high_freq_factor=float(merged.get("high_freq_factor", 4.0)),
-        rope_original_max_positions=int(merged.get("original_max_position_embeddings", 8192)),
+        rope_scaling_factor=num("factor", 8.0),
+        rope_low_freq_factor=num("low_freq_factor", 1.0),
+        rope_high_freq_factor=num("high_freq_factor", 4.0),
+        rope_original_max_positions=original,
     )
     return out
 
 
 def _check_sliding_window(fields: _Fields, family: Family, seq_length: int | None) -> None:
-    window = fields.get("sliding_window")
+    window = fields.count("sliding_window")
     if family.model_type in ("qwen2", "qwen3"):
         # transformers windows layer i when use_sliding_window and i >= max_window_layers
         # (written out as layer_types by transformers 5)
@@ -178,15 +220,19 @@ def _check_sliding_window(fields: _Fields, family: Family, seq_length: int | Non
         if types:
             sliding = "sliding_attention" in types
         else:
-            layers = fields.get("num_hidden_layers") or 0
-            first = int(fields.get("max_window_layers", 28))  # transformers' class default
-            sliding = bool(fields.get("use_sliding_window", False)) and first < layers
+            layers = fields.count("num_hidden_layers", 0)
+            first = fields.get("max_window_layers", 28)  # transformers' class default
+            if not isinstance(first, int) or isinstance(first, bool) or first < 0:
+                raise ValueError(
+                    f"{fields.where}: max_window_layers={first!r} must be a non-negative integer"
+                )
+            sliding = fields.flag("use_sliding_window") and first < layers
         if not sliding:
             return
     if window is None:
         return
-    longest = seq_length or fields.get("max_position_embeddings")
-    if longest is None or int(window) < int(longest):
+    longest = seq_length or fields.count("max_position_embeddings")
+    if longest is None or window < longest:
         name = "use_sliding_window" if family.model_type.startswith("qwen") else "sliding_window"
         raise ValueError(
             f"{fields.where}: sliding_window={window} is active for sequences of {longest} "
@@ -206,18 +252,27 @@ def model_config_from_hf(
     family = family_of(config, where)
     fields = _Fields(config, family, where)
     hidden, heads = fields.need("hidden_size"), fields.need("num_attention_heads")
-    groups = fields.get("num_key_value_heads") or heads
-    head_dim = fields.get("head_dim") or hidden // heads
+    groups = fields.count("num_key_value_heads", heads)
+    if heads % groups:
+        raise ValueError(
+            f"{where}: num_key_value_heads={groups} must divide num_attention_heads={heads}"
+        )
+    head_dim = fields.count("head_dim", hidden // heads)
+    if head_dim == 0:
+        raise ValueError(
+            f"{where}: hidden_size={hidden} is smaller than "
+            f"num_attention_heads={heads} (and head_dim is not given)"
+        )
     act = fields.get("hidden_act", "silu")
-    if act not in _ACTIVATIONS:
+    if not isinstance(act, str) or act not in _ACTIVATIONS:
         fields.fail("hidden_act", act, ", ".join(_ACTIVATIONS))
-    attention_bias = bool(fields.get("attention_bias", False))
+    attention_bias = fields.flag("attention_bias")
     qkv_bias = family.qkv_bias == "always" or (
         family.qkv_bias == "attention_bias" and attention_bias
     )
     if attention_bias and family.o_proj_bias:
         fields.fail("attention_bias", True, "false (a bias on o_proj needs biases everywhere)")
-    if fields.get("mlp_bias", False):
+    if fields.flag("mlp_bias"):
         fields.fail("mlp_bias", True, "false")
     if fields.get("pretraining_tp", 1) not in (1, None):
         pass  # a sliced reference matmul in transformers: the same function
@@ -242,17 +297,17 @@ def model_config_from_hf(
         vocab_size=vocab_size if vocab_size is not None else rows,
         padded_vocab_size=rows,
         make_vocab_size_divisible_by=1,
-        max_position_embeddings=fields.get("max_position_embeddings"),
-        tie_embeddings=bool(fields.get("tie_word_embeddings", False)),
+        max_position_embeddings=fields.count("max_position_embeddings"),
+        tie_embeddings=fields.flag("tie_word_embeddings"),
         normalization="RMSNorm",
-        norm_epsilon=float(fields.get("rms_norm_eps")),
+        norm_epsilon=fields.number("rms_norm_eps"),
         activation=_ACTIVATIONS[act],
         position_embedding="rope",
         rotary_interleaved=family.interleaved_rope,
         add_bias_linear=False,
         add_qkv_bias=qkv_bias,
         qk_layernorm=family.qk_norm,
-        init_method_std=float(fields.get("initializer_range", 0.02)),
+        init_method_std=fields.number("initializer_range", 0.02),
         hf_architecture=family.architecture,
         **rope,
     )

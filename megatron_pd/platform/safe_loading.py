@@ -9,7 +9,8 @@ with ``torch.load(weights_only=False)``: a crafted checkpoint could run anything
 
 * ``.metadata``: an Unpickler whose ``find_class`` admits only the checkpoint metadata
   classes (torch.distributed.checkpoint.*), torch.Size, torch dtypes, layouts and memory
-  formats, and a few builtins; anything else is a ValueError naming the file and the class;
+  formats, path objects (the checkpoint id torch records), and a few builtins; anything
+  else is a ValueError naming the file and the class;
 * byte objects: ``torch.load(weights_only=True)`` (torch's own restricted unpickler).
 
 Writing is unchanged. Every other loader of ours reads no pickle at all: safetensors for HF
@@ -25,6 +26,7 @@ import pickle
 import torch
 
 _BUILTINS = {"set", "frozenset", "slice", "complex", "tuple", "list", "dict", "bytearray"}
+_PATHS = {"Path", "PosixPath", "PurePath", "PurePosixPath", "WindowsPath", "PureWindowsPath"}
 _INSTALLED = False
 
 
@@ -46,6 +48,8 @@ class _MetadataUnpickler(pickle.Unpickler):
                 )
             )
             or (module == "torch.serialization" and name == "_get_layout")
+            # torch records the checkpoint_id it was given, a str or a path object
+            or (module in ("pathlib", "pathlib._local") and name in _PATHS)
         )
         if not allowed:
             raise ValueError(

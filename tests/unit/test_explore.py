@@ -19,10 +19,19 @@ from megatron_pd.explore.spec import build_plan
 def write_spec(tmp_path, **changes):
     base = {
         "model": {"preset": "tiny"},
-        "data": {"tokenizer_model": str(tmp_path / "tok"), "blend": [str(tmp_path / "d")],
-                 "seq_length": 32},
-        "train": {"micro_batch_size": 2, "global_batch_size": 4, "train_steps": 10,
-                  "eval_interval": 5, "eval_batches": 1, "precision": "fp32"},
+        "data": {
+            "tokenizer_model": str(tmp_path / "tok"),
+            "blend": [str(tmp_path / "d")],
+            "seq_length": 32,
+        },
+        "train": {
+            "micro_batch_size": 2,
+            "global_batch_size": 4,
+            "train_steps": 10,
+            "eval_interval": 5,
+            "eval_batches": 1,
+            "precision": "fp32",
+        },
     }
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
     spec = {
@@ -72,16 +81,26 @@ def test_plan_deduplicates_and_derives_baselines(tmp_path):
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"axes": {"bad": {"model.bogus": [1]}}},
-         r"axis bad, variant 1: unknown config field model.bogus"),
-        ({"axes": {"tau": {"distill.tau.value": [1, -2]}}},
-         r"axis tau, variant -2: distill.tau.value=-2"),
-        ({"axes": {"x": {"a": {"baseline": "nope", "distill.loss": "soft_ce"}}}},
-         r"axis x, variant a: baseline 'nope' is not defined"),
-        ({"axes": {"x": {"a": {"teacher": "huge"}}}},
-         r"axis x, variant a: teacher 'huge' is not in teachers"),
-        ({"axes": {"x": {"a": {"source": "offline"}}}},
-         r"axis x, variant a: source offline needs distill.truncation"),
+        (
+            {"axes": {"bad": {"model.bogus": [1]}}},
+            r"axis bad, variant 1: unknown config field model.bogus",
+        ),
+        (
+            {"axes": {"tau": {"distill.tau.value": [1, -2]}}},
+            r"axis tau, variant -2: distill.tau.value=-2",
+        ),
+        (
+            {"axes": {"x": {"a": {"baseline": "nope", "distill.loss": "soft_ce"}}}},
+            r"axis x, variant a: baseline 'nope' is not defined",
+        ),
+        (
+            {"axes": {"x": {"a": {"teacher": "huge"}}}},
+            r"axis x, variant a: teacher 'huge' is not in teachers",
+        ),
+        (
+            {"axes": {"x": {"a": {"source": "offline"}}}},
+            r"axis x, variant a: source offline needs distill.truncation",
+        ),
         ({"axes": {"x": {"a": [1], "b": {"c": 1}}}}, r"axis x: mixes value lists"),
         ({"seeds": []}, r"seeds: \[\] must be a non-empty list"),
         ({"bogus": 1}, r"unknown key\(s\) \['bogus'\]"),
@@ -143,25 +162,36 @@ def fake_run(job, lm_losses, teacher=None):
         if teacher is not None:
             f.write(json.dumps({"split": "teacher_valid", "step": 0, "loss": teacher}) + "\n")
         for step, loss in zip(steps, lm_losses):
-            f.write(json.dumps({"split": "train", "step": step, "loss": 9.0,
-                                "step_time_s": 1.5}) + "\n")
-            f.write(json.dumps({"split": "valid", "step": step, "loss": 9.0,
-                                "lm_loss": loss}) + "\n")
+            f.write(
+                json.dumps({"split": "train", "step": step, "loss": 9.0, "step_time_s": 1.5}) + "\n"
+            )
+            f.write(
+                json.dumps({"split": "valid", "step": step, "loss": 9.0, "lm_loss": loss}) + "\n"
+            )
 
 
 def test_deltas_and_findings_from_known_metrics(tmp_path):
     plan = build_plan(write_spec(tmp_path))
     finals = {  # (variant or "baseline", seed) -> final held-out LM loss
-        ("tau/1", 1): 4.0, ("tau/1", 2): 4.2, ("tau/5", 1): 4.05, ("tau/5", 2): 4.25,
-        ("loss/NLL", 1): 3.9, ("loss/NLL", 2): 4.1, ("loss/MSE", 1): 5.0,
-        ("baseline", 1): 4.5, ("baseline", 2): 4.5,
+        ("tau/1", 1): 4.0,
+        ("tau/1", 2): 4.2,
+        ("tau/5", 1): 4.05,
+        ("tau/5", 2): 4.25,
+        ("loss/NLL", 1): 3.9,
+        ("loss/NLL", 2): 4.1,
+        ("loss/MSE", 1): 5.0,
+        ("baseline", 1): 4.5,
+        ("baseline", 2): 4.5,
     }
     for axis, variants in plan.axes.items():
         for variant in variants:
             for seed, name in variant.runs.items():
                 if (f"{axis}/{variant.name}", seed) in finals:
-                    fake_run(plan.jobs[name], [6.0, finals[(f"{axis}/{variant.name}", seed)]],
-                             teacher=3.5)
+                    fake_run(
+                        plan.jobs[name],
+                        [6.0, finals[(f"{axis}/{variant.name}", seed)]],
+                        teacher=3.5,
+                    )
                 fake_run(plan.jobs[variant.baseline[seed]], [6.0, finals[("baseline", seed)]])
     collected = results.collect(plan)
     rows = {f"{r['axis']}/{r['variant']}": r for r in collected["variants"]}

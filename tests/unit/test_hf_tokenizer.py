@@ -27,8 +27,9 @@ transformers = pytest.importorskip("transformers")
 
 @pytest.fixture(scope="module")
 def bpe_dir(tmp_path_factory):
-    return train_hf_bpe(stdlib_corpus_files()[:8], str(tmp_path_factory.mktemp("t") / "bpe"),
-                        vocab_size=600)
+    return train_hf_bpe(
+        stdlib_corpus_files()[:8], str(tmp_path_factory.mktemp("t") / "bpe"), vocab_size=600
+    )
 
 
 def texts():
@@ -50,8 +51,9 @@ def llama3_style(bpe_dir, target, add_bos=None):
     tok = Tokenizer.from_file(os.path.join(target, "tokenizer.json"))
     tok.add_special_tokens(["<|begin_of_text|>"])
     bos = tok.token_to_id("<|begin_of_text|>")
-    tok.post_processor = TemplateProcessing(single="<|begin_of_text|> $A",
-                                            special_tokens=[("<|begin_of_text|>", bos)])
+    tok.post_processor = TemplateProcessing(
+        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", bos)]
+    )
     tok.save(os.path.join(target, "tokenizer.json"))
     config = json.loads(open(os.path.join(target, "tokenizer_config.json")).read())
     config["bos_token"] = "<|begin_of_text|>"
@@ -68,8 +70,10 @@ def assert_same_ids(directory):
     for text in texts():
         expected = theirs(text)["input_ids"]
         assert ours.encode(text) == expected, text[:60]
-        assert ours.encode(text, add_special_tokens=False) == theirs(
-            text, add_special_tokens=False)["input_ids"]
+        assert (
+            ours.encode(text, add_special_tokens=False)
+            == theirs(text, add_special_tokens=False)["input_ids"]
+        )
     assert ours.vocab_size == len(theirs)
     assert ours.eod == theirs.eos_token_id
     return ours
@@ -117,8 +121,7 @@ def test_fingerprint_follows_content_not_files(bpe_dir, tmp_path):
     first = load_tokenizer(os.path.join(bpe_dir, "tokenizer.json"))
     compact = tmp_path / "compact.json"
     Tokenizer.from_file(os.path.join(bpe_dir, "tokenizer.json")).save(str(compact), pretty=False)
-    assert open(compact, "rb").read() != open(os.path.join(bpe_dir, "tokenizer.json"),
-                                             "rb").read()
+    assert open(compact, "rb").read() != open(os.path.join(bpe_dir, "tokenizer.json"), "rb").read()
     assert HFTokenizer(str(compact)).fingerprint == first.fingerprint
     assert load_tokenizer(bpe_dir).fingerprint == first.fingerprint
     other = train_hf_bpe(stdlib_corpus_files()[40:44], str(tmp_path / "other"), vocab_size=600)
@@ -133,8 +136,9 @@ def test_sentencepiece_fingerprint_follows_content(tmp_path):
     copy = tmp_path / "b.model"
     shutil.copy(model, copy)
     assert load_tokenizer(model).fingerprint == load_tokenizer(str(copy)).fingerprint
-    other = train_sentencepiece(stdlib_corpus_files()[5:9], str(tmp_path / "c"), vocab_size=512,
-                                num_threads=1)
+    other = train_sentencepiece(
+        stdlib_corpus_files()[5:9], str(tmp_path / "c"), vocab_size=512, num_threads=1
+    )
     assert load_tokenizer(other).fingerprint != load_tokenizer(model).fingerprint
 
 

@@ -99,8 +99,9 @@ def test_a_damaged_shard_is_not_done(tmp_path):
     """A rerun dump rewrites shards damaged after they were written (and keeps good ones)."""
     writer = StoreWriter(str(tmp_path), header(1000, 8, 6))
     rng = np.random.default_rng(2)
-    blocks = [writer.encode(*random_entries(rng, 8, 6, 1000, min_kept=1), np.zeros(8))
-              for _ in range(4)]
+    blocks = [
+        writer.encode(*random_entries(rng, 8, 6, 1000, min_kept=1), np.zeros(8)) for _ in range(4)
+    ]
     writer.write_shard(0, [0, 1, 2, 3], [-1] * 4, blocks)
     assert writer.shard_done(0)
     path = writer.shard_path(0)
