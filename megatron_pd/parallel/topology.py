@@ -86,6 +86,27 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
+def _restart_store(world_size: int, timeout):
+    """The rendezvous store of a torchrun restart, scoped to its attempt; None otherwise.
+
+    With torchrun's default (static) rendezvous the agent keeps one TCPStore across
+    ``--max-restarts`` attempts and torch adds no per-attempt prefix, so a restarted rank can
+    read a dead rank's old address and wait on it (measured with gloo: the restarted job hung
+    in init_process_group). Each attempt gets its own key space here.
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt in (None, "0") or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world_size,
+        is_master=False,
+        timeout=timeout,
+    )
+    return dist.PrefixStore(f"megatron_pd/attempt_{attempt}", store)
+
+
 def init_distributed(timeout_minutes: int = 30) -> tuple:
     """Start torch.distributed from torchrun's environment (or as a single process).
 
@@ -109,11 +130,13 @@ def init_distributed(timeout_minutes: int = 30) -> tuple:
             backend = "nccl"
         else:
             backend = "gloo"
+        timeout = datetime.timedelta(minutes=timeout_minutes)
         dist.init_process_group(
             backend=backend,
             rank=rank,
             world_size=world_size,
-            timeout=datetime.timedelta(minutes=timeout_minutes),
+            timeout=timeout,
+            store=_restart_store(world_size, timeout),
         )
     cpu_adapter.activate()
     return dist.get_rank(), dist.get_world_size()
