@@ -398,8 +398,16 @@ class TrainModule:
         return _result(self._reduce_reports(reports, "eval"), None, skipped=False)
 
     def num_parameters(self) -> int:
-        """Parameters of the whole model (summed over TP and PP shards, not DP replicas)."""
-        local = sum(p.numel() for p in self.model.parameters())
+        """Parameters of the whole model, each once: TP shards and PP stages summed; a
+        parameter replicated over TP (norms, a row-parallel bias) counted on TP rank 0 only;
+        the last stage's copy of tied embeddings not at all."""
+        tp_rank = dist.get_rank(self.groups.tp)
+        local = sum(
+            p.numel()
+            for p in self.model.parameters()
+            if (getattr(p, "tensor_model_parallel", False) or tp_rank == 0)
+            and not getattr(p, "shared", False)
+        )
         total = torch.tensor([float(local)], dtype=torch.float64, device=self.device)
         dist.all_reduce(total, group=self.groups.mp)
         return int(total.item())

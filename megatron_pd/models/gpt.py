@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_pd.config.schema import ModelConfig
-from megatron_pd.models.init import init_layout_invariant
+from megatron_pd.models.init import init_layout_invariant, mark_tensor_parallel
 from megatron_pd.parallel.vocab import VocabInfo
 
 
@@ -171,6 +171,7 @@ def build_gpt_model(
     )
     if device is not None:
         gpt = gpt.to(device)
+    mark_tensor_parallel(gpt)
     init_layout_invariant(gpt, seed=seed, std=model.init_method_std, num_layers=model.num_layers)
     return gpt
 

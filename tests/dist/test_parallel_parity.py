@@ -41,9 +41,17 @@ def one_step(rank, world_size, tp, pp, *extra, steps=1, lr=1.0):
         result = module.train_step(batches, lr=lr)
     after = gather_global_state(module.model)
     grads = {key: before[key] - after[key] for key in before}
+    params = module.num_parameters()
     if rank != 0:
         return None
-    return {"loss": result.loss, "tokens": result.tokens, "grads": grads, "logits": logits}
+    return {
+        "loss": result.loss,
+        "tokens": result.tokens,
+        "grads": grads,
+        "logits": logits,
+        "params": params,
+        "grad_norm": result.grad_norm,
+    }
 
 
 def _full_logits(module, batch, groups):
@@ -65,12 +73,24 @@ def reference():
 
 def assert_same_step(actual, expected):
     assert actual["tokens"] == expected["tokens"]
+    # the parameter count printed at start: each parameter once, whatever the layout (norms
+    # replicated over TP, the last stage's copy of tied embeddings)
+    assert (
+        actual["params"] == expected["params"] == sum(g.numel() for g in expected["grads"].values())
+    )
+    # megatron's gradient norm (what clipping uses) sees every shard once
+    assert actual["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-5)
     assert actual["loss"] == pytest.approx(expected["loss"], rel=LOSS_RTOL)
     assert actual["grads"].keys() == expected["grads"].keys()
     for key, grad in expected["grads"].items():
         assert grad.abs().max() > 0, f"{key}: reference gradient is zero"
-        torch.testing.assert_close(actual["grads"][key], grad, rtol=GRAD_RTOL, atol=GRAD_ATOL,
-                                   msg=lambda m, key=key: f"{key}: {m}")
+        torch.testing.assert_close(
+            actual["grads"][key],
+            grad,
+            rtol=GRAD_RTOL,
+            atol=GRAD_ATOL,
+            msg=lambda m, key=key: f"{key}: {m}",
+        )
 
 
 @pytest.mark.parametrize("world_size, tp", [(2, 2), (4, 4)])
@@ -90,8 +110,12 @@ def test_tp2_pp2_matches_single_rank(reference):
     assert_same_step(actual, reference)
 
 
-ADAM = ("--optimizer.name=adamw", "--parallel.distributed_optimizer=true",
-        "--optimizer.adam_eps=1e-3", "--optimizer.weight_decay=0.1")
+ADAM = (
+    "--optimizer.name=adamw",
+    "--parallel.distributed_optimizer=true",
+    "--optimizer.adam_eps=1e-3",
+    "--optimizer.weight_decay=0.1",
+)
 
 
 def test_data_parallel_distributed_optimizer_matches_single_rank():
