@@ -163,7 +163,7 @@ def test_killed_between_checkpoint_and_latest_resumes_exactly(tiny_corpus, tmp_p
         == uninterrupted
 
 
-def sigint_mid_run(tiny_corpus, run_dir, sig):
+def sigint_mid_run(tiny_corpus, run_dir, sig, group=True):
     args = run_args(tiny_corpus, run_dir, "--train.train_steps=200",
                     "--checkpoint.save_interval=0")
     command = torchrun_command("-m", "megatron_pd.train", *args)
@@ -177,14 +177,22 @@ def sigint_mid_run(tiny_corpus, run_dir, sig):
         metrics.exists() and len(read_metrics(str(metrics), "train")) >= 3
     ):
         time.sleep(0.2)
-    os.killpg(job.pid, sig)  # the whole job, as a terminal's Ctrl-C or SLURM does
+    if group:
+        os.killpg(job.pid, sig)  # the whole job, as a terminal's Ctrl-C or SLURM does
+    else:
+        os.kill(job.pid, sig)  # the launcher only (kill PID, scancel --batch to a script)
     out, err = job.communicate(timeout=180)
     return job.returncode, out, err
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
-def test_interrupt_saves_and_exits_in_one_line(tiny_corpus, tmp_path, sig):
-    code, out, err = sigint_mid_run(tiny_corpus, tmp_path / "run", sig)
+@pytest.mark.parametrize(
+    "sig, group",
+    [(signal.SIGINT, True), (signal.SIGTERM, True), (signal.SIGUSR1, True),
+     (signal.SIGUSR1, False)],
+    ids=["sigint", "sigterm", "sigusr1", "sigusr1-launcher-only"],
+)
+def test_interrupt_saves_and_exits_in_one_line(tiny_corpus, tmp_path, sig, group):
+    code, out, err = sigint_mid_run(tiny_corpus, tmp_path / "run", sig, group)
     saved = [line for line in out.splitlines() if "saving at step" in line]
     assert len(saved) == 1, out[-2000:] + err[-2000:]
     assert "Traceback" not in err and "Traceback" not in out, err[-3000:]
@@ -222,3 +230,86 @@ def test_max_restarts_brings_the_job_back(tiny_corpus, tmp_path, uninterrupted):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resumed from" in done.stdout
     assert losses(tmp_path / "run") == uninterrupted
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SMALL_TEACHER = ("--model.hidden_size=48", "--model.num_attention_heads=4",
+                 "--train.train_steps=4", "--train.eval_interval=2")
+
+
+def store_contents(split_dir) -> dict:
+    """{sample id: (ids, log-probs, tail)} of every sample of a store split."""
+    from megatron_pd.logits.store import StoreReader
+
+    reader = StoreReader(str(split_dir))
+    return {s: tuple(a.tolist() for a in reader.get(s)) for s in sorted(reader._where)}
+
+
+def job(command, faults=""):
+    env = dict(TORCHRUN_ENV, MEGATRON_PD_FAULTS=faults)
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.faults
+def test_killed_while_a_store_shard_is_written_resumes_byte_identical(small_corpus, teacher_run,
+                                                                      tmp_path):
+    """The dump dies with a shard's bytes written under its temporary name: the rerun never
+    reads that file, redoes the shard, and the store equals an uninterrupted dump's bytes."""
+    args = run_args(small_corpus, tmp_path / "dump_run", *SMALL_TEACHER,
+                    f"--distill.teacher.load={teacher_run}", "--distill.truncation=top-0.9-12")
+
+    def dump(store):
+        return torchrun_command(os.path.join(REPO, "tools", "dump_teacher_logits.py"), "--store",
+                                str(store), "--splits", "train", "--samples-per-shard", "4",
+                                *args)
+
+    assert job(dump(tmp_path / "straight")).returncode == 0
+    first = job(dump(tmp_path / "killed"), "store_shard_write:rank=1")
+    assert first.returncode != 0, "the fault did not fire"
+    leftovers = [n for n in os.listdir(tmp_path / "killed" / "train") if "tmp" in n]
+    assert leftovers, "no half-written shard was left to ignore"
+    again = job(dump(tmp_path / "killed"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    straight, killed = tmp_path / "straight" / "train", tmp_path / "killed" / "train"
+    names = sorted(n for n in os.listdir(straight) if n.endswith(".pd"))
+    assert names == sorted(n for n in os.listdir(killed) if n.endswith(".pd"))
+    for name in names:
+        assert (straight / name).read_bytes() == (killed / name).read_bytes(), name
+
+
+@pytest.mark.faults
+def test_killed_before_recorded_logits_are_flushed_resumes_exactly(small_corpus, tmp_path):
+    """Pre-training that records its logits dies with steps 3-4 buffered: the rerun resumes
+    from step 2, records them again, and run and store equal an uninterrupted one's."""
+
+    def command(name):
+        return torchrun_command("-m", "megatron_pd.train", *run_args(
+            small_corpus, tmp_path / name, "--train.train_steps=6", "--train.eval_interval=0",
+            "--checkpoint.save_interval=2", f"--train.record_logits={tmp_path / name}_store",
+            "--train.record_truncation=top-0.95-16"))
+
+    assert job(command("straight")).returncode == 0
+    assert job(command("killed"), "record_flush:step=4:rank=1").returncode != 0
+    again = job(command("killed"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in again.stdout
+    assert losses(tmp_path / "killed") == losses(tmp_path / "straight")
+    assert store_contents(tmp_path / "killed_store" / "train") == store_contents(
+        tmp_path / "straight_store" / "train")
+
+
+@pytest.mark.faults
+def test_killed_while_the_teacher_loads_reruns_exactly(small_corpus, teacher_run, tmp_path):
+    """Distillation dies with the teacher half loaded: nothing of it remains (no lock, no
+    half state), and the rerun equals an uninterrupted run."""
+
+    def command(name):
+        return torchrun_command("-m", "megatron_pd.train", *run_args(
+            small_corpus, tmp_path / name, *SMALL_TEACHER, "--checkpoint.save_interval=2",
+            f"--distill.teacher.load={teacher_run}", "--distill.alpha.value=0.5"))
+
+    assert job(command("straight")).returncode == 0
+    assert job(command("killed"), "teacher_load:rank=0").returncode != 0
+    again = job(command("killed"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert losses(tmp_path / "killed") == losses(tmp_path / "straight")
