@@ -276,6 +276,16 @@ def _run_locked(cfg, tokenizer, vocab_size, dp, rank) -> dict:
             print(f"initialised the weights from {loaded}", flush=True)
     from megatron_pd.engine.trainer import TrainingStopped
 
+    if rank == 0:
+        from megatron_pd.loss.objective import resolve_implementation
+        from megatron_pd.models.gpt import resolve_transformer_impl
+        from megatron_pd.platform import stack_summary
+
+        loss = (
+            resolve_implementation(cfg.loss.implementation) if cfg.distill.enabled else "none"
+        )
+        impl = resolve_transformer_impl(cfg.model.transformer_impl)
+        print(stack_summary(impl, loss, cfg.optimizer.name), flush=True)
     try:
         return trainer.fit()
     except TrainingStopped:  # every rank agrees on it (rank 0 reports it)

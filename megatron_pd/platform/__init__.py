@@ -1,5 +1,6 @@
 """Where megatron_pd runs: the megatron-core CPU adaptation (cpu_adapter) and runtime noise."""
 
+import importlib.util
 import warnings
 
 # Messages megatron-core prints on every CPU import or step, which say nothing actionable:
@@ -14,6 +15,9 @@ _KNOWN_NOISE = (
     r"The .grad attribute of a Tensor that is not a leaf Tensor is being accessed.*",
     # megatron-core 0.19's logging outside torch.distributed (single-process tools): rank 0.
     r"Could not determine rank from torch.distributed.*",
+    # torch's deprecations of what megatron-core's dist_checkpointing calls on every load
+    r"`load_state_dict` is deprecated and will be removed.*",
+    r"Please use DTensor instead and we are deprecating ShardedTensor.*",
 )
 
 
@@ -21,3 +25,26 @@ def quiet_known_warnings() -> None:
     """Silence megatron-core's known, non-actionable warnings (entry points call this)."""
     for pattern in _KNOWN_NOISE:
         warnings.filterwarnings("ignore", message=pattern)
+
+
+def stack_summary(transformer_impl: str, loss_impl: str, optimizer: str) -> str:
+    """One line naming what this job computes with, in place of megatron-core's per-import
+    notices (printed once per job by rank 0)."""
+    import megatron.core
+    import torch
+
+    def have(name: str) -> bool:
+        return importlib.util.find_spec(name) is not None
+
+    cuda = torch.cuda.is_available()
+    where = f"{torch.cuda.device_count()} CUDA device(s), nccl" if cuda else "CPU, gloo"
+    te = "installed" if have("transformer_engine") else "not installed"
+    if transformer_impl == "transformer_engine":
+        layers = "Transformer Engine layer spec"
+    else:
+        layers = f"local layer spec, torch norms (Transformer Engine {te})"
+    apex = "Apex fused" if have("apex") else "torch (Apex not installed)"
+    return (
+        f"stack: torch {torch.__version__} ({where}) | megatron-core {megatron.core.__version__}: "
+        f"{layers} | optimizer {optimizer}: {apex} | distillation loss: {loss_impl}"
+    )

@@ -24,3 +24,7 @@ def test_quickstart_smoke(tmp_path):
     assert os.path.isfile(tmp_path / "loss_curves.png")
     for run in ("teacher", "pd_seed1", "baseline_seed1"):
         assert os.path.isfile(tmp_path / run / "checkpoints" / "latest"), run
+        # a quiet console: no Python warnings, one line naming the stack
+        log = (tmp_path / run / "train.log").read_text()
+        assert "Warning" not in log and "warnings.warn" not in log, log[-3000:]
+        assert log.count("stack: torch") == 1, log[-3000:]
