@@ -281,9 +281,7 @@ def _run_locked(cfg, tokenizer, vocab_size, dp, rank) -> dict:
         from megatron_pd.models.gpt import resolve_transformer_impl
         from megatron_pd.platform import stack_summary
 
-        loss = (
-            resolve_implementation(cfg.loss.implementation) if cfg.distill.enabled else "none"
-        )
+        loss = resolve_implementation(cfg.loss.implementation) if cfg.distill.enabled else "none"
         impl = resolve_transformer_impl(cfg.model.transformer_impl)
         print(stack_summary(impl, loss, cfg.optimizer.name), flush=True)
     try:
