@@ -80,6 +80,7 @@ def dry_run(cfg, world_size: int) -> int:
         teacher = cfg.distill.teacher
         source = TeacherSource(teacher.load)
         shape = source.model_config(teacher, cfg.model.vocab_size, cfg.data.seq_length)
+        check_teacher_length(cfg, True)
         print(describe_layout(Layout(world_size, teacher.tp, teacher.pp), "teacher"))
         print(
             f"teacher {source.kind} checkpoint {source.checkpoint}: {shape.num_layers} layers, "
@@ -128,7 +129,33 @@ def validate(cfg, world_size: int):
     tokenizer = load_tokenizer(cfg.data.tokenizer_model)
     vocab_size = resolve_vocab_size(cfg.model, tokenizer)
     check_data(cfg.data.blend, tokenizer)
+    check_teacher_length(cfg, int(os.environ.get("RANK", "0")) == 0)
     return tokenizer, vocab_size, dp
+
+
+def check_teacher_length(cfg, report: bool) -> None:
+    """A student reading longer sequences than its teacher knows: an error past an HF
+    model's max_position_embeddings (positions it was never built for), a one-line notice
+    past the sequence length a megatron_pd teacher was trained on (it may be meant)."""
+    if not cfg.distill.enabled or cfg.distill.offline:
+        return
+    from megatron_pd.models.teacher import TeacherSource
+
+    source = TeacherSource(cfg.distill.teacher.load)
+    length, where = source.trained_length()
+    if length is None or cfg.data.seq_length <= length:
+        return
+    if source.kind == "hf":
+        raise ValueError(
+            f"data.seq_length={cfg.data.seq_length} is longer than the teacher's {where} "
+            f"({length}): its logits past position {length} would be out of its range"
+        )
+    if report:
+        print(
+            f"notice: data.seq_length={cfg.data.seq_length} is longer than the teacher was "
+            f"trained on ({where}: {length}); positions past {length} are new to it",
+            flush=True,
+        )
 
 
 # what a resumed run must share with the run that wrote the checkpoint (besides the model)

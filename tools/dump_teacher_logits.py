@@ -59,9 +59,10 @@ def main(argv=None) -> int:
         cfg.distill.store = None  # the dump reads the teacher, never a store
         from megatron_pd.logits.dump import dump_teacher_logits
         from megatron_pd.parallel import topology
-        from megatron_pd.train import _absolute_paths
+        from megatron_pd.train import _absolute_paths, check_teacher_length
 
         _absolute_paths(cfg)
+        check_teacher_length(cfg, rank == 0)
         topology.init_distributed()
         start = time.monotonic()
         summary = dump_teacher_logits(

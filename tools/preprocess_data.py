@@ -32,6 +32,19 @@ def main(argv=None) -> int:
     parser.add_argument("--json-key", default="text", help="document field of jsonl inputs")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--quiet", action="store_true", help="no progress line")
+    order = parser.add_mutually_exclusive_group()
+    order.add_argument(
+        "--shuffle-seed",
+        type=int,
+        default=1234,
+        help="write the input files in this seeded random order (default 1234): the "
+        "valid/test splits (the last documents) then come from all over the corpus",
+    )
+    order.add_argument(
+        "--keep-order",
+        action="store_true",
+        help="write files in input order (valid/test: the last files, e.g. by name)",
+    )
     args = parser.parse_args(argv)
     try:
         files = stdlib_corpus_files() if args.stdlib else expand_inputs(args.input, args.pattern)
@@ -42,6 +55,7 @@ def main(argv=None) -> int:
             json_key=args.json_key,
             workers=args.workers,
             progress=not args.quiet,
+            shuffle_seed=None if args.keep_order else args.shuffle_seed,
         )
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -51,6 +65,12 @@ def main(argv=None) -> int:
         f"({stats.skipped} empty skipped) in {stats.seconds:.1f}s "
         f"({stats.tokens / max(stats.seconds, 1e-9):,.0f} tokens/s)"
     )
+    if stats.binary_skipped:
+        shown = ", ".join(stats.binary_skipped[:3])
+        more = f" and {len(stats.binary_skipped) - 3} more" if len(stats.binary_skipped) > 3 else ""
+        print(f"skipped {len(stats.binary_skipped)} binary file(s): {shown}{more}")
+    if args.keep_order:
+        print("documents in input order: the valid/test splits are the last of them")
     return 0
 
 

@@ -173,8 +173,13 @@ def save_config(config, path: str) -> None:
     os.replace(tmp, path)
 
 
-def describe_fields(cls=Config, prefix: str = "") -> list:
-    """(dotted name, type, default, docstring) of every field, for ``--help-config``."""
+def describe_fields(cls=Config, prefix: str = "", instance=None, subject: str = "") -> list:
+    """(dotted name, type, default, docstring) of every field, for ``--help-config``.
+
+    A nested section's defaults are those of its parent's default (``distill.tau`` is a
+    ScheduleConfig whose defaults are tau's, not the class's), and its fields' docs start
+    with what the section is (``subject``: the parent field's doc), so the shared schedule
+    fields read as the learning rate's, alpha's or tau's."""
     import ast
     import inspect
 
@@ -190,13 +195,17 @@ def describe_fields(cls=Config, prefix: str = "") -> list:
                     docs.setdefault(node.target.id, " ".join(after.value.value.split()))
     rows = []
     hints = typing.get_type_hints(cls)
-    instance = cls()
+    instance = cls() if instance is None else instance
     for f in dataclasses.fields(cls):
         value = getattr(instance, f.name)
         name = prefix + f.name
         if dataclasses.is_dataclass(value):
-            rows.extend(describe_fields(type(value), name + "."))
+            what = docs.get(f.name, "").split(". ")[0].rstrip(".")
+            rows.extend(describe_fields(type(value), name + ".", value, what))
         else:
             type_name = getattr(hints[f.name], "__name__", str(hints[f.name]))
-            rows.append((name, type_name.replace("typing.", ""), value, docs.get(f.name, "")))
+            doc = docs.get(f.name, "")
+            if subject:
+                doc = f"[{subject}] {doc}"
+            rows.append((name, type_name.replace("typing.", ""), value, doc))
     return rows

@@ -338,7 +338,7 @@ class OptimizerConfig:
 
 @dataclass
 class ScheduleConfig:
-    """A scalar that follows the training step: learning rate, and later alpha and tau.
+    """A scalar that follows the training step: the learning rate, alpha and tau.
 
     Phases: warmup (initial -> value), then by style: constant holds value; linear and cosine
     go from value to final over the remaining steps; wsd holds value and decays to final over
@@ -349,7 +349,7 @@ class ScheduleConfig:
     style: str = "constant"
     """constant, linear, cosine, wsd or periodic."""
     value: float = 1.0
-    """Value after warmup (the peak learning rate; the held alpha)."""
+    """Value after warmup (the peak; what constant holds)."""
     final: float = 0.0
     """Value at the end of the decay (linear/cosine/wsd) or the other end of a period."""
     initial: float = 0.0
@@ -633,6 +633,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     lr_schedule: ScheduleConfig = field(default_factory=_lr_schedule_default)
+    """The learning rate over training."""
     loss: LossConfig = field(default_factory=LossConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

@@ -15,10 +15,11 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import random
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy
 
@@ -31,9 +32,29 @@ class PreprocessStats:
     tokens: int
     seconds: float
     skipped: int
+    binary_skipped: list = field(default_factory=list)  # paths of files that are not text
 
 
-def _iter_documents(paths: list, json_key: str) -> Iterator[str]:
+def looks_binary(data: bytes) -> bool:
+    """A file that is not text: a NUL byte in its first 8 KiB, or more than 30% of that
+    head not decodable as UTF-8 (an executable, an archive, an image)."""
+    head = data[:8192]
+    if b"\0" in head:
+        return True
+    if not head:
+        return False
+    try:
+        head.decode("utf-8")
+        return False
+    except UnicodeDecodeError:
+        pass
+    text = head.decode("utf-8", errors="replace")
+    return text.count("\ufffd") > 0.3 * len(text)
+
+
+def _iter_documents(paths: list, json_key: str, binary: list | None = None) -> Iterator[str]:
+    """Each input's documents; a whole-text input that is binary is left out and its path
+    appended to ``binary``."""
     for path in paths:
         if path.endswith((".jsonl", ".json")):
             with open(path, encoding="utf-8", errors="replace") as f:
@@ -51,8 +72,14 @@ def _iter_documents(paths: list, json_key: str) -> Iterator[str]:
                         raise ValueError(f"{path}:{number}: field {json_key!r} is not a string")
                     yield text
         else:
-            with open(path, encoding="utf-8", errors="replace") as f:
-                yield f.read()
+            with open(path, "rb") as f:
+                data = f.read(8192)
+                if looks_binary(data):
+                    if binary is not None:
+                        binary.append(path)
+                    continue
+                data += f.read()
+            yield data.decode("utf-8", errors="replace")
 
 
 def count_documents(paths: list) -> int:
@@ -104,7 +131,15 @@ class _Progress:
 
 
 def _write_meta(
-    prefix: str, tokenizer, documents: int, tokens: int, num_inputs: int, json_key: str, skipped
+    prefix: str,
+    tokenizer,
+    documents: int,
+    tokens: int,
+    num_inputs: int,
+    json_key: str,
+    skipped,
+    binary: list,
+    shuffle_seed,
 ) -> None:
     from megatron_pd.data.datasets import meta_path
 
@@ -120,6 +155,10 @@ def _write_meta(
         "input_files": num_inputs,
         "json_key": json_key,
         "empty_documents_skipped": skipped,
+        "binary_files_skipped": len(binary),
+        "binary_files_skipped_first": binary[:20],
+        # the valid/test splits are the last documents in this order
+        "input_order": "input order" if shuffle_seed is None else f"shuffled, seed {shuffle_seed}",
     }
     tmp = meta_path(prefix) + ".tmp"
     with open(tmp, "w") as f:
@@ -135,8 +174,14 @@ def preprocess(
     workers: int = 1,
     chunksize: int = 16,
     progress: bool = True,
+    shuffle_seed: int | None = None,
 ) -> PreprocessStats:
-    """Tokenize ``input_paths`` into ``<output_prefix>.bin/.idx``; returns counts and time."""
+    """Tokenize ``input_paths`` into ``<output_prefix>.bin/.idx``; returns counts and time.
+
+    Documents are written in input order, or with ``shuffle_seed`` the input files in a
+    seeded random order: megatron's split takes valid/test from the last documents, which in
+    a sorted directory listing are the last files by name. Binary files are skipped and
+    returned (``binary_skipped``)."""
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
     from megatron_pd.data.tokenizer import load_tokenizer
@@ -148,14 +193,18 @@ def preprocess(
     out_dir = os.path.dirname(os.path.abspath(output_prefix))
     os.makedirs(out_dir, exist_ok=True)
     bin_tmp, idx_tmp = output_prefix + ".bin.tmp", output_prefix + ".idx.tmp"
+    input_paths = list(input_paths)
+    if shuffle_seed is not None:
+        random.Random(shuffle_seed).shuffle(input_paths)
     total = count_documents(input_paths)
+    binary: list = []
     meter = _Progress(total, "preprocess") if progress else None
     documents = tokens = skipped = 0
     start = time.monotonic()
     builder = IndexedDatasetBuilder(bin_tmp, dtype=dtype)
     empty_length = len(tokenizer.encode_document(""))
     try:
-        texts = _iter_documents(input_paths, json_key)
+        texts = _iter_documents(input_paths, json_key, binary)
         if workers == 1:
             _init_worker(tokenizer.path)
             encoded = map(_encode, texts)
@@ -188,10 +237,21 @@ def preprocess(
     if documents == 0:
         os.remove(bin_tmp)
         os.remove(idx_tmp)
-        raise ValueError(f"no non-empty documents in {len(input_paths)} input file(s)")
+        what = f" ({len(binary)} binary, skipped)" if binary else ""
+        raise ValueError(f"no non-empty documents in {len(input_paths)} input file(s){what}")
     os.replace(bin_tmp, output_prefix + ".bin")
     os.replace(idx_tmp, output_prefix + ".idx")
-    _write_meta(output_prefix, tokenizer, documents, tokens, len(input_paths), json_key, skipped)
+    _write_meta(
+        output_prefix,
+        tokenizer,
+        documents,
+        tokens,
+        len(input_paths),
+        json_key,
+        skipped,
+        binary,
+        shuffle_seed,
+    )
     if meter:
         meter.update(documents + skipped, tokens, final=True)
-    return PreprocessStats(documents, tokens, time.monotonic() - start, skipped)
+    return PreprocessStats(documents, tokens, time.monotonic() - start, skipped, binary)

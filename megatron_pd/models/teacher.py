@@ -113,6 +113,22 @@ class TeacherSource:
 
         return load_config(self.run_config).model
 
+    def trained_length(self) -> tuple:
+        """(tokens, where it is written) of the longest sequence this teacher knows, or
+        (None, None): an HF config.json's max_position_embeddings, or the data.seq_length
+        of the run that trained it."""
+        if self.kind == "hf":
+            from megatron_pd.models.hf_config import read_hf_config
+
+            value = read_hf_config(self.path).get("max_position_embeddings")
+            where = f"max_position_embeddings in {os.path.join(self.path, 'config.json')}"
+            return (value, where) if isinstance(value, int) and value > 0 else (None, None)
+        if self.run_config is None:
+            return None, None
+        from megatron_pd.config.loader import load_config
+
+        return load_config(self.run_config).data.seq_length, f"data.seq_length of {self.run_config}"
+
     def padded_vocab(self, model_cfg: ModelConfig, tp: int) -> int:
         """The teacher embedding's rows at tensor-parallel size ``tp``."""
         if self.kind == "hf":  # rows past the HF tensor's are zero (and not in the vocabulary)

@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import sys
 
 import numpy
 import pytest
@@ -188,3 +189,41 @@ def test_global_batch_sampler_partitions_the_batch():
     assert sorted(seen) == list(range(16, 24))
     with pytest.raises(ValueError, match="not a multiple"):
         GlobalBatchSampler(8, 3, 2, 0)
+
+
+def test_binary_files_are_skipped_and_counted(tiny_corpus, tmp_path):
+    from megatron_pd.data.preprocess import looks_binary
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    texts = tiny_corpus["files"][:4]
+    for i, path in enumerate(texts):
+        shutil.copy(path, corpus / f"t{i}.py")
+    shutil.copy(sys.executable, corpus / "python_copy")  # an executable in the corpus
+    (corpus / "latin1.txt").write_bytes("café déjà vu, naïve\n".encode("latin-1"))  # text
+    (corpus / "noise.dat").write_bytes(bytes(range(128, 256)) * 64)  # no NUL, not UTF-8
+    assert looks_binary(open(sys.executable, "rb").read())
+    assert not looks_binary("café déjà vu".encode("latin-1"))
+    out = str(tmp_path / "docs")
+    stats = preprocess(sorted(str(p) for p in corpus.iterdir()), out,
+                       tiny_corpus["tokenizer"], progress=False)
+    assert sorted(os.path.basename(p) for p in stats.binary_skipped) == ["noise.dat",
+                                                                         "python_copy"]
+    assert stats.documents == 5
+    meta = json.load(open(out + ".meta.json"))
+    assert meta["binary_files_skipped"] == 2 and meta["input_order"] == "input order"
+
+
+def test_shuffled_file_order_is_seeded(tiny_corpus, tmp_path):
+    from megatron_pd.data.datasets import check_prefix
+
+    files = tiny_corpus["files"][:10]
+    runs = {}
+    for name, seed in (("a", 7), ("b", 7), ("c", None)):
+        preprocess(files, str(tmp_path / name), tiny_corpus["tokenizer"], progress=False,
+                   shuffle_seed=seed)
+        runs[name] = (tmp_path / f"{name}.bin").read_bytes()
+    assert runs["a"] == runs["b"] != runs["c"]  # same seed, same order; not the input order
+    assert sorted(runs["a"]) == sorted(runs["c"])  # the same tokens
+    assert check_prefix(str(tmp_path / "a")).documents == 10
+    assert json.load(open(tmp_path / "a.meta.json"))["input_order"] == "shuffled, seed 7"

@@ -72,6 +72,15 @@ def test_help_config_lists_fields(capsys):
     assert main(["--help-config"]) == 0
     out = capsys.readouterr().out
     assert "--lr_schedule.decay_shape" in out and "--parallel.tp" in out
+    # the shared schedule fields say whose they are, with that schedule's defaults
+    lines = out.splitlines()
+    doc = {lines[i].split()[0]: (lines[i], lines[i + 1]) for i in range(0, len(lines) - 1)
+           if lines[i].startswith("--")}
+    assert "default 0.0003" in doc["--lr_schedule.value"][0]
+    assert "learning rate" in doc["--lr_schedule.value"][1]
+    assert "Temperature" in doc["--distill.tau.value"][1]
+    assert "KD term" in doc["--distill.alpha.final"][1]
+    assert "default 1.0" in doc["--distill.tau.final"][0]  # tau's default, not the class's 0.0
 
 
 @pytest.mark.slow
@@ -92,3 +101,20 @@ def test_real_command_prints_one_line(tiny_corpus, tmp_path):
     assert result.stderr.strip().splitlines() == [
         "error: parallel.tp=3: must divide model.num_attention_heads=4"
     ]
+
+
+def test_student_longer_than_its_teacher(tiny_corpus, teacher_run, hf_models, tmp_path, capsys):
+    # a megatron_pd teacher trained on 64-token sequences: a one-line notice
+    argv = base_args(tiny_corpus, tmp_path) + [
+        "--data.seq_length=128", f"--distill.teacher.load={teacher_run}", "--dry-run"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "notice: data.seq_length=128 is longer than the teacher was trained on" in out
+    assert "data.seq_length of " in out and ": 64)" in out
+    # an HF teacher built for 128 positions: an error naming its config field
+    llama = hf_models["models"]["llama"]
+    argv = base_args(tiny_corpus, tmp_path) + [
+        "--data.seq_length=256", f"--distill.teacher.load={llama}", "--dry-run"]
+    line = error_of(argv, capsys)
+    assert "data.seq_length=256 is longer than the teacher's max_position_embeddings" in line
+    assert "config.json (128)" in line
