@@ -313,3 +313,20 @@ def test_killed_while_the_teacher_loads_reruns_exactly(small_corpus, teacher_run
     again = job(command("killed"))
     assert again.returncode == 0, again.stderr[-3000:]
     assert losses(tmp_path / "killed") == losses(tmp_path / "straight")
+
+
+@pytest.mark.faults
+def test_soak_script_survives_its_faults(tmp_path):
+    """tools/soak.py at a small size: a kill of each kind, then everything equal."""
+    import json
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, os.path.join(REPO, "tools", "soak.py"), "--workdir", str(tmp_path),
+         "--steps", "60", "--kills", "4", "--save-interval", "10", "--eval-interval", "20",
+         "--files", "30", "--seed", "3"],
+        capture_output=True, text=True, timeout=1200, env=TORCHRUN_ENV)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.load(open(tmp_path / "soak_report.json"))
+    assert report["faults"] >= 3 and report["losses_equal"] and report["final_weights_equal"]
+    assert report["weights_compared"] > 10
