@@ -60,11 +60,12 @@ def latest_checkpoint(root: str) -> str | None:
 def checkpoint_problem(path: str) -> str | None:
     """What is wrong with checkpoint directory ``path`` (None: intact), read from its
     metadata without loading any tensor: metadata.json and the DCP metadata readable, the
-    common state present, every storage file there and as long as the items it holds."""
+    common state present (its own file, or inside the DCP files on megatron-core 0.19), every
+    storage file there and as long as the items it holds."""
     from megatron_pd.platform import safe_loading
 
     safe_loading.install()
-    for name in ("metadata.json", ".metadata", "common.pt"):
+    for name in ("metadata.json", ".metadata"):
         if not os.path.isfile(os.path.join(path, name)):
             return f"{name} is missing"
     try:
@@ -73,6 +74,11 @@ def checkpoint_problem(path: str) -> str | None:
         metadata = FileSystemReader(path).read_metadata()
     except Exception as err:  # truncated or crafted: unpickling fails in several ways
         return f".metadata is unreadable ({type(err).__name__}: {str(err)[:200]})"
+    # the common state: common.pt (megatron-core <= 0.18), or an item of the DCP files (0.19)
+    items = getattr(metadata, "state_dict_metadata", None) or {}
+    in_dcp = any(str(key).startswith("common_state") for key in items)
+    if not in_dcp and not os.path.isfile(os.path.join(path, "common.pt")):
+        return "common.pt is missing"
     needed: dict = {}
     for info in (getattr(metadata, "storage_data", None) or {}).values():
         end = int(info.offset) + int(info.length)

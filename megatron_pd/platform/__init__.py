@@ -1,6 +1,7 @@
 """Where megatron_pd runs: the megatron-core CPU adaptation (cpu_adapter) and runtime noise."""
 
 import importlib.util
+import logging
 import warnings
 
 # Messages megatron-core prints on every CPU import or step, which say nothing actionable:
@@ -18,13 +19,48 @@ _KNOWN_NOISE = (
     # torch's deprecations of what megatron-core's dist_checkpointing calls on every load
     r"`load_state_dict` is deprecated and will be removed.*",
     r"Please use DTensor instead and we are deprecating ShardedTensor.*",
+    # megatron-core 0.19 on import of its models package
+    r"MimoModelConfig is experimental.*",
+    # torch, when megatron-core 0.19 reads checkpoint metadata before the process group
+    # exists (validation reads the teacher's shape first)
+    r"torch.distributed is disabled, unavailable or uninitialized.*",
+    r"The argument order of load has been changed.*",
 )
+
+# Log lines (not warnings) megatron-core 0.19 and torch's CUDA build print on CPU at every
+# start, which say nothing about the run: dropped from the default (last-resort) and root
+# handlers' output.
+_KNOWN_LOG_NOISE = (
+    "GPTModel IS DEPRECATED",
+    "full_param_layout not provided with use_distributed_optimizer",
+    "MCore's async save is deprecated",
+    "No CUDA runtime is found, using CUDA_HOME",
+)
+
+
+class _QuietLog(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed record is not ours to judge
+            return True
+        return not any(text in message for text in _KNOWN_LOG_NOISE)
+
+
+_QUIET_LOG = _QuietLog()
 
 
 def quiet_known_warnings() -> None:
     """Silence megatron-core's known, non-actionable warnings (entry points call this)."""
     for pattern in _KNOWN_NOISE:
         warnings.filterwarnings("ignore", message=pattern)
+    import torch  # noqa: F401  (torch sets up its own log handlers on import)
+
+    handlers = [logging.lastResort, *logging.getLogger().handlers]
+    handlers += logging.getLogger("torch").handlers
+    for handler in handlers:
+        if handler is not None and _QUIET_LOG not in handler.filters:
+            handler.addFilter(_QUIET_LOG)
 
 
 def stack_summary(transformer_impl: str, loss_impl: str, optimizer: str) -> str:
