@@ -158,10 +158,12 @@ def attempt(command: list, run_dir: str, kind: str | None, rng, args, log) -> di
     faults = ""
     if kind == "fault":
         point = rng.choice(FAULT_POINTS)
+        spread = max(3 * args.save_interval, 2 * args.steps // max(args.kills, 1))
         if point == "forward_backward":
-            at = start_step + rng.randint(1, 3 * args.save_interval)
-        else:  # a save: the next few checkpoint steps
-            at = (start_step // args.save_interval + rng.randint(1, 3)) * args.save_interval
+            at = start_step + rng.randint(1, spread)
+        else:  # a save: one of the next checkpoint steps
+            saves = max(1, spread // args.save_interval)
+            at = (start_step // args.save_interval + rng.randint(1, saves)) * args.save_interval
         at = min(at, args.steps - 1)
         if point != "forward_backward":
             at -= at % args.save_interval
@@ -178,7 +180,9 @@ def attempt(command: list, run_dir: str, kind: str | None, rng, args, log) -> di
     proc = subprocess.Popen(
         command, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True
     )
-    target = start_step + rng.randint(1, 3 * args.save_interval)
+    # spread over the run: a kill lands up to twice the run's length per fault past the resume
+    spread = max(3 * args.save_interval, 2 * args.steps // max(args.kills, 1))
+    target = start_step + rng.randint(1, spread)
     fired = None
     while proc.poll() is None:
         time.sleep(0.05)
