@@ -80,7 +80,7 @@ def dry_run(cfg, world_size: int) -> int:
         teacher = cfg.distill.teacher
         source = TeacherSource(teacher.load)
         shape = source.model_config(teacher, cfg.model.vocab_size, cfg.data.seq_length)
-        check_teacher_length(cfg, True)
+        check_teacher_length(cfg, True, source)
         print(describe_layout(Layout(world_size, teacher.tp, teacher.pp), "teacher"))
         print(
             f"teacher {source.kind} checkpoint {source.checkpoint}: {shape.num_layers} layers, "
@@ -133,15 +133,16 @@ def validate(cfg, world_size: int):
     return tokenizer, vocab_size, dp
 
 
-def check_teacher_length(cfg, report: bool) -> None:
+def check_teacher_length(cfg, report: bool, source=None) -> None:
     """A student reading longer sequences than its teacher knows: an error past an HF
     model's max_position_embeddings (positions it was never built for), a one-line notice
     past the sequence length a megatron_pd teacher was trained on (it may be meant)."""
     if not cfg.distill.enabled or cfg.distill.offline:
         return
-    from megatron_pd.models.teacher import TeacherSource
+    if source is None:
+        from megatron_pd.models.teacher import TeacherSource
 
-    source = TeacherSource(cfg.distill.teacher.load)
+        source = TeacherSource(cfg.distill.teacher.load)
     length, where = source.trained_length()
     if length is None or cfg.data.seq_length <= length:
         return
@@ -222,14 +223,10 @@ def run(cfg) -> dict:
     )
     tokenizer, vocab_size, dp = validate(cfg, world_size)
     rank, _ = topology.init_distributed()
-    from megatron_pd.platform.run_lock import lock_for_job
+    from megatron_pd.platform.run_lock import job_lock
 
-    lock = lock_for_job(cfg.run_dir, rank)
-    try:
+    with job_lock(cfg.run_dir, rank):
         return _run_locked(cfg, tokenizer, vocab_size, dp, rank)
-    finally:
-        if lock is not None:
-            lock.release()
 
 
 def _run_locked(cfg, tokenizer, vocab_size, dp, rank) -> dict:

@@ -58,6 +58,16 @@ def rank_microbatches(cfg, global_batch: dict, dp_rank: int, dp_size: int) -> li
     ]
 
 
+def assert_same_grads(actual: dict, expected: dict, rtol: float, atol: float) -> None:
+    """Two {key: full gradient} dicts: the same keys, no zero reference, close within tol."""
+    assert actual.keys() == expected.keys()
+    for key, grad in expected.items():
+        assert grad.abs().max() > 0, f"{key}: reference gradient is zero"
+        torch.testing.assert_close(
+            actual[key], grad, rtol=rtol, atol=atol, msg=lambda m, key=key: f"{key}: {m}"
+        )
+
+
 def gather_global_state(model) -> dict:
     """{checkpoint key: full tensor} of a (TP/PP-sharded) model, on every rank.
 

@@ -39,6 +39,15 @@ def train_in_ranks(rank, world_size, args):
     return None
 
 
+def train_error(rank, world_size, args):
+    """Train in the ranks; the ValueError's message a bad input gave, or None."""
+    try:
+        train_in_ranks(rank, world_size, args)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
 def losses(run_dir):
     return [
         (row["split"], row["step"], row["loss"])

@@ -100,115 +100,84 @@ def dump_teacher_logits(
     world = dist.get_world_size()
     rank = dist.get_rank()
     cfg.validate_for_world(world)
-    from megatron_pd.platform.run_lock import lock_for_job
+    from megatron_pd.platform.run_lock import job_lock
 
-    lock = lock_for_job(store_dir, rank, "logits store")
-    try:
-        return _dump_locked(
-            cfg,
-            store_dir,
-            splits,
-            samples_per_shard,
-            batch_size,
-            value_bits,
-            logp_range,
-            coverage,
-            world,
-            rank,
+    with job_lock(store_dir, rank, "logits store"):
+        from megatron_pd.data.datasets import SampleIds, build_splits
+        from megatron_pd.data.tokenizer import load_tokenizer, resolve_vocab_size
+        from megatron_pd.models.teacher import open_teacher
+        from megatron_pd.parallel import topology
+
+        tokenizer = load_tokenizer(cfg.data.tokenizer_model)
+        vocab_size = resolve_vocab_size(cfg.model, tokenizer)
+        groups = topology.init_student_groups(distill.teacher.tp, distill.teacher.pp)
+        tp_rank = dist.get_rank(groups.tp)
+        teacher, source = open_teacher(
+            distill.teacher, groups, vocab_size, tokenizer.fingerprint, cfg.data.seq_length, tp_rank
         )
-    finally:
-        if lock is not None:
-            lock.release()
-
-
-def _dump_locked(
-    cfg,
-    store_dir,
-    splits,
-    samples_per_shard,
-    batch_size,
-    value_bits,
-    logp_range,
-    coverage,
-    world,
-    rank,
-) -> dict:
-    from megatron_pd.data.datasets import SampleIds, build_splits
-    from megatron_pd.data.tokenizer import load_tokenizer, resolve_vocab_size
-    from megatron_pd.models.teacher import open_teacher
-    from megatron_pd.parallel import topology
-
-    distill = cfg.distill
-    tokenizer = load_tokenizer(cfg.data.tokenizer_model)
-    vocab_size = resolve_vocab_size(cfg.model, tokenizer)
-    groups = topology.init_student_groups(distill.teacher.tp, distill.teacher.pp)
-    tp_rank = dist.get_rank(groups.tp)
-    teacher, source = open_teacher(
-        distill.teacher, groups, vocab_size, tokenizer.fingerprint, cfg.data.seq_length, tp_rank
-    )
-    teacher_cfg, checkpoint = teacher.cfg, source.checkpoint
-    spec = TruncationSpec.parse(distill.truncation, distill.min_k, distill.k_cap)
-    gbs, total_steps = cfg.train.global_batch_size, cfg.total_steps()
-    eval_samples = cfg.train.eval_batches * gbs if cfg.train.eval_interval else 0
-    built = build_splits(
-        cfg.data,
-        tokenizer,
-        (total_steps * gbs, eval_samples, 0),
-        cfg.data.cache_dir or os.path.join(store_dir, "data_cache"),
-    )
-    is_writer = teacher.is_last_stage and tp_rank == 0
-    batch = batch_size or cfg.train.micro_batch_size
-    teacher_state = source.trainer_state()
-    summary = {}
-    for split_name in splits:
-        dataset = getattr(built, split_name)
-        if dataset is None or len(dataset) == 0:
-            continue
-        ids = SampleIds(dataset)
-        header = F.StoreHeader(
-            vocab_size=vocab_size,
-            tokenizer_fingerprint=tokenizer.fingerprint,
-            dataset=dataset_header(ids, split_name, cfg.data),
-            teacher={
-                "checkpoint": checkpoint,
-                "step": teacher_state.get("step"),
-                "model": asdict(teacher_cfg),
-                "tp": distill.teacher.tp,
-                "pp": distill.teacher.pp,
-            },
-            truncation=truncation_header(spec),
-            samples_per_shard=samples_per_shard,
+        teacher_cfg, checkpoint = teacher.cfg, source.checkpoint
+        spec = TruncationSpec.parse(distill.truncation, distill.min_k, distill.k_cap)
+        gbs, total_steps = cfg.train.global_batch_size, cfg.total_steps()
+        eval_samples = cfg.train.eval_batches * gbs if cfg.train.eval_interval else 0
+        built = build_splits(
+            cfg.data,
+            tokenizer,
+            (total_steps * gbs, eval_samples, 0),
+            cfg.data.cache_dir or os.path.join(store_dir, "data_cache"),
         )
-        header.encoding = dict(header.encoding, value_bits=value_bits, logp_range=logp_range)
-        split_dir = os.path.join(store_dir, split_name)
-        positions = {"train": total_steps * gbs, "valid": eval_samples}[split_name]
-        needed = needed_samples(ids, positions if coverage == "run" else None)
-        if rank == 0:
-            _start_or_resume(split_dir, header)
-        dist.barrier()
-        previous = F.StoreHeader.read(split_dir)
-        writer = StoreWriter(split_dir, previous)
-        for segment in plan_segments(split_dir, previous, needed, samples_per_shard):
-            done = _dump_segment(
-                segment,
-                ids,
-                teacher,
-                spec,
-                groups,
-                writer,
-                cfg,
-                batch,
-                is_writer,
-                value_bits,
-                logp_range,
-                split_name,
+        is_writer = teacher.is_last_stage and tp_rank == 0
+        batch = batch_size or cfg.train.micro_batch_size
+        teacher_state = source.trainer_state()
+        summary = {}
+        for split_name in splits:
+            dataset = getattr(built, split_name)
+            if dataset is None or len(dataset) == 0:
+                continue
+            ids = SampleIds(dataset)
+            header = F.StoreHeader(
+                vocab_size=vocab_size,
+                tokenizer_fingerprint=tokenizer.fingerprint,
+                dataset=dataset_header(ids, split_name, cfg.data),
+                teacher={
+                    "checkpoint": checkpoint,
+                    "step": teacher_state.get("step"),
+                    "model": asdict(teacher_cfg),
+                    "tp": distill.teacher.tp,
+                    "pp": distill.teacher.pp,
+                },
+                truncation=truncation_header(spec),
+                samples_per_shard=samples_per_shard,
             )
-            summary[split_name] = _finish_segment(writer, segment, rank, done)
-        if split_name not in summary:  # nothing was missing
-            summary[split_name] = previous.stats
+            header.encoding = dict(header.encoding, value_bits=value_bits, logp_range=logp_range)
+            split_dir = os.path.join(store_dir, split_name)
+            positions = {"train": total_steps * gbs, "valid": eval_samples}[split_name]
+            needed = needed_samples(ids, positions if coverage == "run" else None)
             if rank == 0:
-                print(f"[dump {split_name}] the store holds every sample already", flush=True)
-    return summary
+                _start_or_resume(split_dir, header)
+            dist.barrier()
+            previous = F.StoreHeader.read(split_dir)
+            writer = StoreWriter(split_dir, previous)
+            for segment in plan_segments(split_dir, previous, needed, samples_per_shard):
+                done = _dump_segment(
+                    segment,
+                    ids,
+                    teacher,
+                    spec,
+                    groups,
+                    writer,
+                    cfg,
+                    batch,
+                    is_writer,
+                    value_bits,
+                    logp_range,
+                    split_name,
+                )
+                summary[split_name] = _finish_segment(writer, segment, rank, done)
+            if split_name not in summary:  # nothing was missing
+                summary[split_name] = previous.stats
+                if rank == 0:
+                    print(f"[dump {split_name}] the store holds every sample already", flush=True)
+        return summary
 
 
 def needed_samples(ids, positions: int | None) -> np.ndarray:

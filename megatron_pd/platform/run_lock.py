@@ -10,6 +10,7 @@ manager); where a file system does not support it the lock is skipped with a not
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -75,9 +76,11 @@ class DirectoryLock:
             self.file = None
 
 
-def lock_for_job(path: str, rank: int, what: str = "run directory"):
-    """Rank 0 locks ``path`` for the job; every rank raises the same ValueError if another
-    job holds it (collective: one MAX all-reduce over the world). Returns the lock (rank 0)."""
+@contextlib.contextmanager
+def job_lock(path: str, rank: int, what: str = "run directory"):
+    """``with job_lock(...)``: rank 0 holds the lock on ``path`` for the block; every rank
+    raises the same ValueError if another job holds it (collective: one MAX all-reduce over
+    the world)."""
     import torch
     import torch.distributed as dist
 
@@ -94,4 +97,8 @@ def lock_for_job(path: str, rank: int, what: str = "run directory"):
     dist.all_reduce(failed, op=dist.ReduceOp.MAX)
     if failed.item():
         raise ValueError(message or f"{what} {path} is in use by another job")
-    return lock
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()

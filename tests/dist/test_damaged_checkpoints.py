@@ -15,19 +15,11 @@ import shutil
 import pytest
 
 from _dist import run_distributed
-from _runs import losses, run_args, train_in_ranks
+from _runs import losses, run_args, train_error, train_in_ranks
 
 # an 8-step run (its LR schedule) stopped after step 6, saving at 2, 4 and 6
 STEPS = ["--train.train_steps=8", "--checkpoint.save_interval=2", "--checkpoint.keep_last=0",
          "--train.eval_interval=0"]
-
-
-def train_error(rank, world_size, args):
-    try:
-        train_in_ranks(rank, world_size, args)
-    except ValueError as err:
-        return str(err)
-    return None
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,13 @@ import pytest
 import torch
 import torch.distributed as dist
 from _dist import run_distributed
-from _models import gather_global_state, rank_microbatches, synthetic_global_batch, tiny_config
+from _models import (
+    assert_same_grads,
+    gather_global_state,
+    rank_microbatches,
+    synthetic_global_batch,
+    tiny_config,
+)
 
 # fp32 sums in another order (chunked GEMMs, TP shards): ~1e-6 relative, as in
 # test_parallel_parity; a wrong shard, scale or missing term moves values by > 1e-2.
@@ -54,16 +60,7 @@ def one_step(rank, world_size, tp, pp, fused, *extra):
 def assert_same_step(actual, expected):
     assert actual["tokens"] == expected["tokens"]
     assert actual["loss"] == pytest.approx(expected["loss"], rel=LOSS_RTOL)
-    assert actual["grads"].keys() == expected["grads"].keys()
-    for key, grad in expected["grads"].items():
-        assert grad.abs().max() > 0, f"{key}: reference gradient is zero"
-        torch.testing.assert_close(
-            actual["grads"][key],
-            grad,
-            rtol=GRAD_RTOL,
-            atol=GRAD_ATOL,
-            msg=lambda m, key=key: f"{key}: {m}",
-        )
+    assert_same_grads(actual["grads"], expected["grads"], GRAD_RTOL, GRAD_ATOL)
 
 
 TIED = {"tied": [], "untied": ["--model.tie_embeddings=false"]}

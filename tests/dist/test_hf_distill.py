@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("transformers")
 
 from _dist import run_distributed  # noqa: E402
-from _runs import losses, run_args, train_in_ranks  # noqa: E402
+from _runs import losses, run_args, train_error, train_in_ranks  # noqa: E402
 
 from megatron_pd.config import load_config  # noqa: E402
 
@@ -102,15 +102,7 @@ def test_student_initialised_from_a_converted_model(hf_corpus, teachers, tmp_pat
     assert abs(first["converted"] - first["hf"]) < LOSS_ATOL
     wrong = run_args(hf_corpus, str(tmp_path / "wrong"), "--train.train_steps=1",
                      f"--checkpoint.init_from={teachers['hf']}")
-
-    def fails(rank, world_size, args):
-        try:
-            train_in_ranks(rank, world_size, args)
-        except ValueError as err:
-            return str(err)
-        return None
-
-    message = run_distributed(fails, 1, wrong)[0]
+    message = run_distributed(train_error, 1, wrong)[0]
     assert message and "its config.json differs from model.* in num_layers (3 vs 2)" in message
 
 

@@ -17,6 +17,7 @@ from _runs import (
     run_args,
     sigkill_when,
     torchrun_command,
+    train_error,
     train_in_ranks,
 )
 
@@ -406,9 +407,3 @@ def student_args_of(dump_args, store_dir, run_dir):
     return args + [f"--distill.store={store_dir}", f"--run_dir={run_dir}"]
 
 
-def train_error(rank, world_size, args):
-    try:
-        train_in_ranks(rank, world_size, args)
-    except ValueError as err:
-        return str(err)
-    return None
