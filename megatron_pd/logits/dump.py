@@ -365,6 +365,7 @@ def _finish_segment(writer: StoreWriter, segment: dict, rank: int, done: dict) -
         raise RuntimeError(f"logits dump finished with missing shards: {missing[:3]}")
     stats, num_shards = writer.summary()
     if rank == 0:
+        writer.remove_leftovers()
         header = writer.header
         header.segments[segment["index"]]["complete"] = True
         header.stats = stats

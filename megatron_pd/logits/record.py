@@ -122,6 +122,7 @@ class LogitRecorder:
         self.flush(last_step)
         dist.barrier()
         if dist.get_rank() == 0:
+            self.writer.remove_leftovers()
             self.writer.header.stats, shards = self.writer.summary()
             self.writer.finish(shards)
         dist.barrier()

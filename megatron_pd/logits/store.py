@@ -125,6 +125,14 @@ class StoreWriter:
     ) -> bytes:
         return self.header.codec().encode(indices_SK, logprobs_SK, log_tail_S)
 
+    def remove_leftovers(self) -> list:
+        """Delete the temporary files of writers that died before their rename (called once
+        every writer of the split is done); returns their names."""
+        names = sorted(n for n in os.listdir(self.split_dir) if ".tmp." in n)
+        for name in names:
+            os.remove(os.path.join(self.split_dir, name))
+        return names
+
     def finish(self, num_shards: int) -> None:
         self.header.num_shards = num_shards
         self.header.complete = True

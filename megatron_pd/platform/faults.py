@@ -4,8 +4,10 @@ at a named point of a run when ``MEGATRON_PD_FAULTS`` asks for it.
     MEGATRON_PD_FAULTS="checkpoint_before_latest:step=4:rank=1"
     MEGATRON_PD_FAULTS="nan_loss:step=3,nan_loss:step=4"
 
-Entries are comma-separated ``point[:step=N][:rank=R][:restart=K][:times=T][:action=kill|nan]``
-(``times``: fire at most T times in this process, e.g. once for a step a rollback repeats); the
+Entries are comma-separated
+``point[:step=N][:rank=R][:restart=K][:skip=S][:times=T][:action=kill|nan]`` (``skip``: let the
+first S matching calls in this process pass, e.g. to die at the third shard a dump writes;
+``times``: fire at most T times in this process, e.g. once for a step a rollback repeats); the
 action defaults to kill (SIGKILL of this process, nothing flushed) for the points that name a
 moment and to nan for the ``nan_*`` and ``spike_loss`` points (the value there is poisoned:
 NaN, or the reported loss x 1000). A point fires when the step, rank and torchrun restart
@@ -51,7 +53,7 @@ def _parse(text: str) -> dict:
         spec = {"action": "nan" if point.startswith(("nan_", "spike_")) else "kill"}
         for field in fields:
             key, _, value = field.partition("=")
-            if key not in ("step", "rank", "restart", "times", "action"):
+            if key not in ("step", "rank", "restart", "skip", "times", "action"):
                 raise ValueError(f"MEGATRON_PD_FAULTS: {entry!r}: unknown field {key!r}")
             spec[key] = value if key == "action" else int(value)
         faults.setdefault(point, []).append(spec)
@@ -73,6 +75,9 @@ def fault(point: str, step: int | None = None) -> bool:
         if spec.get("step") not in (None, step) or spec.get("rank") not in (None, rank):
             continue
         if spec.get("restart") not in (None, restart):
+            continue
+        if spec.get("skip", 0) > 0:
+            spec["skip"] -= 1
             continue
         if "times" in spec:
             if spec["times"] <= 0:
