@@ -17,8 +17,10 @@ against a sparse top-50 teacher (--teacher dense for full teacher logits, which 
 input of both paths). Both paths' loss values are printed to show they agree.
 
 Targets (issue: no logits at all): fused peak extra memory <= 0.15x the logits path, time
-<= 1.10x. Ratios come from one run; this machine's speed drifts between runs, so read the
-ratio, not the seconds.
+<= 1.10x. The two paths run in rounds that alternate which goes first, and the time ratio is
+the median of the rounds' ratios with their range beside it: on a shared 2-core machine one
+pair of runs can differ by 20% from the next, so read the ratio and its range, not the
+seconds.
 """
 
 from __future__ import annotations
@@ -154,6 +156,36 @@ def run(path: str, vocab: int, tp: int, args) -> list:
     return results
 
 
+def summarise(vocab: int, tp: int, rounds: list) -> dict:
+    """One table row from the rounds: per round the slowest rank's time of each path and
+    their ratio; the row gives the median round's seconds, the median of the per-round ratios
+    (with their range) and the highest peak memory seen."""
+
+    def slowest(results):
+        return max(r["seconds"] for r in results)
+
+    ratios = [slowest(r["fused"]) / slowest(r["logits"]) for r in rounds]
+    base = [slowest(r["logits"]) for r in rounds]
+    fused = [slowest(r["fused"]) for r in rounds]
+    m_base = max(r["extra_mb"] for rnd in rounds for r in rnd["logits"])
+    m_fused = max(r["extra_mb"] for rnd in rounds for r in rnd["fused"])
+    first = rounds[0]
+    return {
+        "vocab": vocab,
+        "tp": tp,
+        "logits_s": sorted(base)[len(base) // 2],
+        "fused_s": sorted(fused)[len(fused) // 2],
+        "time_ratio": sorted(ratios)[len(ratios) // 2],
+        "round_ratios": ratios,
+        "logits_peak_mb": m_base,
+        "fused_peak_mb": m_fused,
+        "memory_ratio": m_fused / m_base,
+        "logits_mb": first["logits"][0]["logits_mb"],
+        "loss_logits": first["logits"][0]["loss"],
+        "loss_fused": first["fused"][0]["loss"],
+    }
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, default=4096)
@@ -162,7 +194,10 @@ def main(argv=None) -> int:
     parser.add_argument("--tp", default="1,2")
     parser.add_argument("--teacher", choices=("sparse", "dense"), default="sparse")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=1, help="timed steps per process")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds of both paths in fresh processes, alternating which runs "
+                        "first; the ratio is the median of the rounds' ratios")
     parser.add_argument("--warmup", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="CPU threads over all ranks")
     parser.add_argument("--json", help="also write the results here")
@@ -180,7 +215,8 @@ def main(argv=None) -> int:
     print(
         f"output layer + loss fwd+bwd: N={args.tokens} tokens, H={args.hidden}, {args.dtype}, "
         f"{args.teacher} teacher, forward KL alpha 0.9, {args.threads} CPU threads over the "
-        f"ranks, median of {args.repeats} (warm-up {args.warmup})\n"
+        f"ranks, median of {args.repeats} (warm-up {args.warmup}) per process, {args.rounds} "
+        f"alternating rounds: time ratio = median of the rounds' ratios (their range)\n"
     )
     print(
         "| V | TP | logits path s | fused s | time ratio | logits path peak MB | fused peak MB "
@@ -190,29 +226,20 @@ def main(argv=None) -> int:
     rows = []
     for vocab in [int(v) for v in args.vocab.split(",")]:
         for tp in [int(t) for t in args.tp.split(",")]:
-            base = run("logits", vocab, tp, args)
-            fused = run("fused", vocab, tp, args)
-            t_base = max(r["seconds"] for r in base)
-            t_fused = max(r["seconds"] for r in fused)
-            m_base = max(r["extra_mb"] for r in base)
-            m_fused = max(r["extra_mb"] for r in fused)
-            row = {
-                "vocab": vocab,
-                "tp": tp,
-                "logits_s": t_base,
-                "fused_s": t_fused,
-                "time_ratio": t_fused / t_base,
-                "logits_peak_mb": m_base,
-                "fused_peak_mb": m_fused,
-                "memory_ratio": m_fused / m_base,
-                "logits_mb": base[0]["logits_mb"],
-                "loss_logits": base[0]["loss"],
-                "loss_fused": fused[0]["loss"],
-            }
+            rounds = []
+            for index in range(args.rounds):  # the paths alternate which one runs first
+                order = ("logits", "fused") if index % 2 == 0 else ("fused", "logits")
+                result = {path: run(path, vocab, tp, args) for path in order}
+                rounds.append(result)
+            row = summarise(vocab, tp, rounds)
             rows.append(row)
+            spread = "-".join(f"{r:.2f}" for r in (min(row["round_ratios"]),
+                                                    max(row["round_ratios"])))
             print(
-                f"| {vocab} | {tp} | {t_base:.2f} | {t_fused:.2f} | {row['time_ratio']:.2f} | "
-                f"{m_base:.0f} | {m_fused:.0f} | {row['memory_ratio']:.3f} | "
+                f"| {vocab} | {tp} | {row['logits_s']:.2f} | {row['fused_s']:.2f} | "
+                f"{row['time_ratio']:.2f} ({spread}) | "
+                f"{row['logits_peak_mb']:.0f} | {row['fused_peak_mb']:.0f} | "
+                f"{row['memory_ratio']:.3f} | "
                 f"{row['logits_mb']:.0f} | {row['loss_logits']:.4f} / {row['loss_fused']:.4f} |",
                 flush=True,
             )

@@ -171,7 +171,9 @@ def check_roofline(args, device) -> dict:
     }
 
 
-def _output_layer_step(path: str, hidden, weight, labels, teacher, spec, info, impl: str):
+def _output_layer_step(
+    path: str, hidden, weight, labels, teacher, spec, info, impl: str, chunk: int | None = None
+):
     from megatron_pd.loss.fused_linear import fused_linear_distillation_loss
     from megatron_pd.loss.objective import distillation_loss
 
@@ -201,6 +203,7 @@ def _output_layer_step(path: str, hidden, weight, labels, teacher, spec, info, i
             impl=impl,
             metrics=False,
             grad_scale=1.0,
+            chunk_tokens=chunk,
         )
         out["weighted"].backward()
         weight.grad = None
@@ -225,11 +228,17 @@ def check_fused_output(args, device) -> dict:
     logp = torch.log_softmax(torch.randn(tokens, 50, device=device), -1) - 0.05
     teacher = SparseTeacher(ids, logp)
     spec, info = LossSpec(kind="forward_kl", alpha=0.9), VocabInfo(vocab, vocab, 1, 0)
-    out = {"impl": impl, "tokens": tokens}
-    for path in ("logits", "fused"):
+    from megatron_pd.loss.fused_linear import default_fused_chunk
 
-        def step(path=path):
-            _output_layer_step(path, hidden, weight, labels, teacher, spec, info, impl)
+    chunk = default_fused_chunk(vocab, device.type)
+    out = {"impl": impl, "tokens": tokens, "default_chunk": chunk}
+    # the default chunk, and half and double it (what a retune of default_fused_chunk reads)
+    runs = [("logits", None), ("fused", chunk), ("fused_half_chunk", max(chunk // 2, 1)),
+            ("fused_double_chunk", chunk * 2)]
+    for name, rows in runs:
+
+        def step(path=name.split("_")[0], rows=rows):
+            _output_layer_step(path, hidden, weight, labels, teacher, spec, info, impl, rows)
 
         step()
         _sync(device)
@@ -245,7 +254,10 @@ def check_fused_output(args, device) -> dict:
             with PeakMemory() as peak:
                 seconds = _timed(step, device, repeats=1)
             extra = peak.extra_mb
-        out[path] = {"seconds": seconds, "peak_extra_mb": extra}
+        out[name] = {"chunk": rows, "seconds": seconds, "peak_extra_mb": extra}
+        if name != "logits":
+            out[name]["time_ratio"] = seconds / out["logits"]["seconds"]
+            out[name]["memory_ratio"] = extra / max(out["logits"]["peak_extra_mb"], 1e-9)
     out["memory_ratio"] = out["fused"]["peak_extra_mb"] / max(out["logits"]["peak_extra_mb"], 1e-9)
     out["time_ratio"] = out["fused"]["seconds"] / out["logits"]["seconds"]
     out["targets"] = {"memory_ratio": 0.15, "time_ratio": 1.10}

@@ -547,7 +547,10 @@ class LossConfig:
     """auto (triton on CUDA, else torch), torch (fused vocab-parallel), triton (GPU kernels;
     an error where Triton cannot run) or reference (gathers the vocabulary; debugging)."""
     chunk_tokens: Optional[int] = None
-    """Tokens per chunk of the torch path; None sizes chunks to ~4 MB of fp32 per buffer."""
+    """Tokens per chunk of the loss's [tokens x vocab shard] work, on the logits path and in
+    the fused output layer. None: the logits path's chunks are ~4 MB of fp32 per buffer; the
+    fused output layer's are larger, as its GEMMs need (loss/fused_linear.py,
+    default_fused_chunk: ~110 rows at a 151,552-wide shard on CPU, 384 on CUDA)."""
     fused_output_layer: bool = True
     """Fuse the output layer into the loss: the student's final hidden states and its output
     weight shard go into one chunked Function (loss/fused_linear.py), and a live teacher's

@@ -211,6 +211,7 @@ class TrainModule:
             self.groups.tp,
             sequence_parallel=student.sequence_parallel,
             check_inputs=self.cfg.loss.check_inputs,
+            chunk_tokens=self.cfg.loss.chunk_tokens,
             grad_scale=self._grad_scale,
             **common,
         )

@@ -54,14 +54,25 @@ class HiddenTeacher:
         return self.hidden[start:end] @ self.weight.t()
 
 
-def default_fused_chunk(shard_width: int) -> int:
-    """Tokens per chunk: at least 2^21 elements per [C, v] buffer, and up to 128 rows while a
-    buffer stays within 2^24 elements (64 MB in fp32; a handful live at once).
+def default_fused_chunk(shard_width: int, device_type: str = "cpu") -> int:
+    """Tokens per chunk for a [C, v] shard width ``v`` on a device type.
 
-    Every chunk's GEMMs read the whole [v, H] weight shard, so few rows make them memory-bound:
-    measured at V=151,552, N=4096 on CPU, 16-row chunks took 2.8x the logits path's time
-    (the weight read 3 x 256 times); 110 rows read it 3 x 38 times."""
+    CPU: at least 2^21 elements per [C, v] buffer, and up to 128 rows while a buffer stays
+    within 2^24 elements (64 MB in fp32; a handful live at once). Every chunk's GEMMs read the
+    whole [v, H] weight shard, so few rows make them memory-bound: measured at V=151,552,
+    N=4096 on CPU, 16-row chunks took 2.8x the logits path's time (the weight read 3 x 256
+    times); 110 rows read it 3 x 38 times.
+
+    CUDA: the weight gradient is accumulated into the fp32 [v, H] main_grad chunk after chunk,
+    reading and writing 8 bytes per element for 2C flops; a GPU with ~200 flops per byte of
+    HBM bandwidth (H100/H200 in bf16) needs C in the high hundreds for that GEMM not to wait on
+    memory. So chunks are buffers of up to 2^26 elements (128 MB in bf16), 256 to 2048 rows,
+    in multiples of 64: 384 rows at v=151,552, 2048 at v <= 32,768. tools/gpu_check.py
+    measures the default against half and double."""
     width = max(shard_width, 1)
+    if device_type == "cuda":
+        rows = min(2048, max(256, (1 << 26) // width))
+        return rows - rows % 64
     return max(16, (1 << 21) // width, min(128, (1 << 24) // width))
 
 
@@ -300,7 +311,7 @@ def fused_linear_distillation_loss(
             tp_group,
             sequence_parallel,
         )
-    chunk = chunk_tokens or default_fused_chunk(weight_vH.shape[0])
+    chunk = chunk_tokens or default_fused_chunk(weight_vH.shape[0], hidden_NH.device.type)
     # each rank's gradient of h covers its vocab shard: summed over tp in backward - by the
     # sequence-parallel gather's reduce-scatter, else by an all-reduce
     hidden = hidden_NH if sequence_parallel else copy_to_group(hidden_NH, tp_group)
