@@ -545,6 +545,22 @@ NOTES = """Conventions (all rows are brought to the same objective before compar
 """
 
 
+def combine_rounds(results: list) -> dict:
+    """One row from its rounds: the first round's values with the median time over the rounds
+    (each a median of --repeats), the rounds' times beside it and the highest peak memory."""
+    ok = [r for r in results if "error" not in r]
+    if not ok:
+        return results[0]
+    row = dict(ok[0])
+    times = [r["time_s"] for r in ok]
+    row["time_s"], row["round_times_s"] = statistics.median(times), times
+    for key in [k for k in row if k.endswith("_mb")]:
+        row[key] = max(r[key] for r in ok)
+    if "loss" in row:
+        row["loss_per_token"] = row["loss"] / max(row["num_valid"], 1)
+    return row
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, default=1024)
@@ -557,6 +573,9 @@ def main(argv=None) -> int:
     parser.add_argument("--logit-scale", type=float, default=2.0, help="std of the logits")
     parser.add_argument("--liger-chunk", type=int, default=1024, help="Liger's chunk_size")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every row this many times, each round from another row; a "
+                        "row's time is the median over its rounds")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tp", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--rows", nargs="+", choices=sorted(BUILDERS), help="default: all")
@@ -593,17 +612,18 @@ def main(argv=None) -> int:
     print(
         f"N={args.tokens} tokens ({num_valid_est} not ignored), H={args.hidden}, "
         f"H_teacher={args.teacher_hidden}, V={args.vocab}, fp32 on CPU, tau={args.tau}, "
-        f"median of {args.repeats} after 1 warm-up; TP=1: 1 process x 2 threads, TP=2: "
+        f"median of {args.repeats} after 1 warm-up, median over {args.rounds} round(s); "
+        f"TP=1: 1 process x 2 threads, TP=2: "
         f"2 gloo ranks x 1 thread"
     )
     print("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + "\n")
-    rows = []
+    runs = [[] for _ in cases]
     with tempfile.TemporaryDirectory(prefix="bench_peers_") as work_dir:
-        for case in cases:
-            row = launch_row(args, case, work_dir)
-            if "loss" in row:
-                row["loss_per_token"] = row["loss"] / max(row["num_valid"], 1)
-            rows.append(row)
+        for index in range(args.rounds):  # each round starts at another row: drift spreads
+            shift = index * len(cases) // max(args.rounds, 1)
+            for at in list(range(shift, len(cases))) + list(range(shift)):
+                runs[at].append(launch_row(args, cases[at], work_dir))
+    rows = [combine_rounds(results) for results in runs]
     print_table(cases, rows)
     failures = [(case, row) for case, row in zip(cases, rows) if "error" in row]
     if failures:
