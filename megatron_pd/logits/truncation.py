@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_pd.loss.fused_linear import default_fused_chunk
 from megatron_pd.loss.spec import SparseTeacher
 from megatron_pd.parallel.collectives import all_gather_stacked
 from megatron_pd.parallel.vocab import VocabInfo
@@ -275,7 +276,9 @@ def truncate_hidden_vocab_parallel(
 ) -> SparseTeacher:
     """Top-p-k straight from a model's final hidden states [N, H] and this rank's vocab shard
     of its output weight [v, H]: the logits h W^T are made ``chunk_tokens`` rows at a time
-    (default: [C, v] of about 2^24 elements) and never exist whole. The same entries as
+    (default: the fused output layer's chunks, loss/fused_linear.default_fused_chunk: its
+    GEMM packs the whole weight shard per chunk, so rows come in hundreds) and never exist
+    whole. The same entries as
     ``truncate_vocab_parallel`` of the full logits (each row's logits are the same GEMM
     row); collective: one all-gather over ``tp_group``."""
     valid = vocab.valid_in_shard
@@ -284,7 +287,7 @@ def truncate_hidden_vocab_parallel(
             f"hidden states {tuple(hidden_NH.shape)} and output weight "
             f"{tuple(weight_vH.shape)} do not fit a vocab shard of {valid} columns"
         )
-    chunk = chunk_tokens or max(1, 2**24 // max(weight_vH.shape[0], 1))
+    chunk = chunk_tokens or default_fused_chunk(weight_vH.shape[0], hidden_NH.device.type)
 
     def block(start: int, end: int) -> torch.Tensor:
         # the output layer's own product (all padded rows included), then the valid columns

@@ -57,11 +57,13 @@ class HiddenTeacher:
 def default_fused_chunk(shard_width: int, device_type: str = "cpu") -> int:
     """Tokens per chunk for a [C, v] shard width ``v`` on a device type.
 
-    CPU: at least 2^21 elements per [C, v] buffer, and up to 128 rows while a buffer stays
-    within 2^24 elements (64 MB in fp32; a handful live at once). Every chunk's GEMMs read the
-    whole [v, H] weight shard, so few rows make them memory-bound: measured at V=151,552,
-    N=4096 on CPU, 16-row chunks took 2.8x the logits path's time (the weight read 3 x 256
-    times); 110 rows read it 3 x 38 times.
+    CPU: at least 2^21 elements per [C, v] buffer, and up to 256 rows while a buffer stays
+    within 2^25 elements (128 MB in fp32; about four live at once). Every chunk's two GEMMs
+    with the weight (h W^T and dL/dz W) pack the whole [v, H] shard again, so few rows make
+    them slow: at V=151,552, H=2048 on 2 cores, 16-row chunks took 2.8x the logits path's
+    time; those two GEMMs took 1.2-1.3x longer in 110-row chunks than in 220-row ones, and
+    at V=32,000 1.2x longer in 128-row chunks than in 256-row ones (221 and 256 rows now).
+    The fp32 accumulation of dL/dW runs at full speed from 110 rows.
 
     CUDA: the weight gradient is accumulated into the fp32 [v, H] main_grad chunk after chunk,
     reading and writing 8 bytes per element for 2C flops; a GPU with ~200 flops per byte of
@@ -73,7 +75,7 @@ def default_fused_chunk(shard_width: int, device_type: str = "cpu") -> int:
     if device_type == "cuda":
         rows = min(2048, max(256, (1 << 26) // width))
         return rows - rows % 64
-    return max(16, (1 << 21) // width, min(128, (1 << 24) // width))
+    return max(16, (1 << 21) // width, min(256, (1 << 25) // width))
 
 
 class FusedLinearDistillFunction(torch.autograd.Function):
