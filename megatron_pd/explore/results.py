@@ -19,7 +19,11 @@ Claims (the spec's ``claims``; variants are ``axis/name``, ``axis/*`` for all of
     {claim: ..., increasing: [refs]}    the gain (percent of excess) grows along the list
 
 Each claim reports whether it reproduced, the margin (nats, or percentage points for
-``increasing``) and whether the margin exceeds twice the seed spread.
+``increasing``) and whether the margin exceeds twice the seed spread. Variants are compared
+seed by seed, as the deltas are: seed s of two variants shares the student's initialisation
+and data order, so the margin is the mean over seeds of their per-seed difference and its
+spread is the standard deviation of those differences (what varies with the seed in both
+runs cancels, as it does in a paired test).
 """
 
 from __future__ import annotations
@@ -98,12 +102,14 @@ def collect(plan: Plan) -> dict:
 
 def _variant_row(variant, runs: dict, teachers: dict) -> dict:
     finals, bests, deltas, percents, base_finals, seconds, tokens = [], [], [], [], [], [], 0
+    by_seed, pct_by_seed = {}, {}
     teacher_loss = teachers.get(variant.teacher) if variant.teacher else None
     for seed, name in variant.runs.items():
         result = runs.get(name)
         if result is None:
             continue
         finals.append(result["final"])
+        by_seed[seed] = result["final"]
         bests.append(result["best"])
         seconds.append(result["seconds"])
         tokens = result["tokens"]
@@ -116,6 +122,7 @@ def _variant_row(variant, runs: dict, teachers: dict) -> dict:
             base_finals.append(base["final"])
             if teacher_loss is not None and base["final"] - teacher_loss > 0:
                 percents.append(100.0 * delta / (base["final"] - teacher_loss))
+                pct_by_seed[seed] = percents[-1]
     final, final_sd = _stats(finals)
     delta, delta_sd = _stats(deltas)
     percent, percent_sd = _stats(percents)
@@ -137,7 +144,16 @@ def _variant_row(variant, runs: dict, teachers: dict) -> dict:
         "seconds": sum(seconds),
         "runs": list(variant.runs.values()),
         "baseline_runs": list(variant.baseline.values()),
+        "final_by_seed": by_seed,
+        "delta_pct_by_seed": pct_by_seed,
     }
+
+
+def _paired(low: dict, high: dict, key: str = "final_by_seed") -> tuple:
+    """(mean, sd, seeds) over the seeds both rows ran of high[seed] - low[seed]."""
+    seeds = sorted(set(low[key]) & set(high[key]))
+    mean, sd = _stats([high[key][s] - low[key][s] for s in seeds])
+    return mean, sd, len(seeds)
 
 
 CSV_FIELDS = [
@@ -312,32 +328,34 @@ def evaluate_claim(claim: dict, rows: list) -> dict:
         worse = _resolve(claim.get("worse"), rows, where)
         if not all(map(ok, better + worse)):
             return _pending(text, [r for r in better + worse if not ok(r)])
-        pairs = [(b, w) for b in better for w in worse]
-        b, w = min(pairs, key=lambda p: p[1]["final"] - p[0]["final"])
-        margin = w["final"] - b["final"]
-        spread = math.hypot(b["final_sd"], w["final_sd"])
+        pairs = [(b, w, *_paired(b, w)) for b in better for w in worse]
+        pairs = [p for p in pairs if p[4] > 0]  # no seed in common: nothing to compare
+        if not pairs:
+            return _pending(text, better + worse)
+        b, w, margin, spread, seeds = min(pairs, key=lambda p: p[2])
         detail = f"closest: {b['variant']} {b['final']:.4f} vs {w['variant']} {w['final']:.4f}"
-        seeds = min(r["seeds"] for r in better + worse)
         return _verdict(text, margin > 0, margin, spread, detail, seeds)
     if "best" in claim:
         (best,) = _resolve(claim["best"], rows, where)[:1]
         others = [r for r in _resolve(claim.get("among"), rows, where) if r is not best]
         if not all(map(ok, [best] + others)):
             return _pending(text, [r for r in [best] + others if not ok(r)])
-        rival = min(others, key=lambda r: r["final"])
-        margin = rival["final"] - best["final"]
-        spread = math.hypot(best["final_sd"], rival["final_sd"])
+        margins = [(*_paired(best, r), r) for r in others]  # rival - best, seed by seed
+        margins = [m for m in margins if m[2] > 0]
+        if not margins:
+            return _pending(text, [best] + others)
+        margin, spread, seeds, rival = min(margins, key=lambda m: m[0])
         detail = (
             f"{best['variant']} {best['final']:.4f}, next {rival['variant']} {rival['final']:.4f}"
         )
-        seeds = min(r["seeds"] for r in [best] + others)
         return _verdict(text, margin > 0, margin, spread, detail, seeds)
     if "similar" in claim:
         chosen = _resolve(claim["similar"], rows, where)
         if not all(map(ok, chosen)):
             return _pending(text, [r for r in chosen if not ok(r)])
         finals = [r["final"] for r in chosen]
-        spread = max(r["final_sd"] for r in chosen)
+        pairs = [_paired(a, b) for i, a in enumerate(chosen) for b in chosen[i + 1 :]]
+        spread = max((sd for _, sd, n in pairs if n >= 2), default=0.0)
         gains = [r["delta"] for r in chosen if not math.isnan(r["delta"])]
         gain = abs(sum(gains) / len(gains)) if gains else 0.0
         spread_range = max(finals) - min(finals)
@@ -349,7 +367,7 @@ def evaluate_claim(claim: dict, rows: list) -> dict:
             spread_range,
             spread,
             detail,
-            min(r["seeds"] for r in chosen),
+            min((n for _, _, n in pairs), default=0),
         )
         result["significant"] = "n/a (a similarity claim)"
         return result
@@ -357,11 +375,12 @@ def evaluate_claim(claim: dict, rows: list) -> dict:
         chosen = _resolve(claim["increasing"], rows, where)
         if any(math.isnan(r["delta_pct"]) for r in chosen):
             return _pending(text, [r for r in chosen if math.isnan(r["delta_pct"])])
-        steps = [b["delta_pct"] - a["delta_pct"] for a, b in zip(chosen, chosen[1:])]
-        margin = min(steps)
-        spread = max(r["delta_pct_sd"] for r in chosen)
+        steps = [_paired(a, b, "delta_pct_by_seed") for a, b in zip(chosen, chosen[1:])]
+        if any(n == 0 for _, _, n in steps):
+            return _pending(text, chosen)
+        margin, spread, seeds = min(steps, key=lambda step: step[0])
         detail = ", ".join(f"{r['variant']} {r['delta_pct']:+.1f}%" for r in chosen)
-        result = _verdict(text, margin > 0, margin, spread, detail, min(r["seeds"] for r in chosen))
+        result = _verdict(text, margin > 0, margin, spread, detail, seeds)
         result["unit"] = "percentage points"
         return result
     raise ValueError(
@@ -448,9 +467,12 @@ def write_findings(plan: Plan, results: dict, out_dir: str) -> str:
         "Generated by `python -m megatron_pd.explore` from the runs' held-out LM losses (see "
         "results.md). A claim reproduced when the measured direction matches the paper's; "
         "the margin is how far it holds (nats unless stated; negative: the other way), and "
-        "it counts as significant when it exceeds twice the seed standard deviation.",
+        "it counts as significant when it exceeds twice the seed standard deviation. Variants "
+        "are compared seed by seed (paired: margin = mean of the per-seed differences, sd = "
+        "their standard deviation), as each variant's delta is against its own seed's "
+        "LM-only run.",
         "",
-        "| claim (paper) | reproduced | margin | seed sd | margin > 2 sd | detail |",
+        "| claim (paper) | reproduced | margin | paired seed sd | margin > 2 sd | detail |",
         "|---|---|---|---|---|---|",
     ]
     for v in verdicts:

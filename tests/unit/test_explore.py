@@ -207,5 +207,15 @@ def test_deltas_and_findings_from_known_metrics(tmp_path):
     assert csv_text[0].startswith("axis,variant,seeds,final") and len(csv_text) == 5
     findings = open(paths["findings"]).read()
     assert "| PD helps | yes | 0.4000 | 0.1414 | yes |" in findings
-    assert "| MSE worse | yes | 1.0000 |" in findings and "n/a (1 seed)" in findings
-    assert "| tau insensitive | yes | 0.0500 |" in findings  # within a quarter of the gain
+    # paired by seed: MSE ran seed 1 only, so the margin is 5.0 - 3.9 (not 5.0 - mean 4.0)
+    assert "| MSE worse | yes | 1.1000 |" in findings and "n/a (1 seed)" in findings
+    # tau/5 - tau/1 is 0.05 on both seeds: no paired spread, though each final has sd 0.14
+    assert "| tau insensitive | yes | 0.0500 | 0.0000 |" in findings
+    claim = {"claim": "tau 1 better", "better": ["tau/1"], "worse": ["tau/5"]}
+    verdict = results.evaluate_claim(claim, collected["variants"])
+    assert verdict["margin"] == pytest.approx(0.05) and verdict["spread"] == pytest.approx(0.0)
+    assert verdict["significant"] == "yes"
+    # gains 45% and 25% (tau/5), 50% and 30% (tau/1) of the excess: +5 pp on each seed
+    claim = {"claim": "grows", "increasing": ["tau/5", "tau/1"]}
+    verdict = results.evaluate_claim(claim, collected["variants"])
+    assert verdict["margin"] == pytest.approx(5.0) and verdict["spread"] == pytest.approx(0.0)
