@@ -455,8 +455,11 @@ class DistillConfig:
     """Keep at least this many teacher entries per token."""
     k_cap: int = 1024
     """Entry slots per token when the truncation has no k cap (top-p-inf)."""
-    tail: bool = False
-    """Model the truncated teacher mass as one extra category (see loss/spec.py)."""
+    tail: Optional[bool] = None
+    """Model the truncated teacher mass as one extra category (see loss/spec.py). None: true
+    whenever the teacher is truncated (distill.truncation, or a store, which is always a cut),
+    as the explorer's studies found it better at small scale (docs/findings.md); false keeps
+    the paper's choice of dropping the cut mass."""
     exchange: str = "auto"
     """How teacher outputs reach the student ranks: dense (vocab slices), sparse (kept
     entries; needs truncation), hidden (the teacher's final hidden states, 2 x H_t bytes per
@@ -475,6 +478,8 @@ class DistillConfig:
 
     def __post_init__(self):
         _choice("distill.loss", self.loss, KD_LOSSES)
+        if self.tail is None:
+            self.tail = self.store is not None or self.truncation is not None
         self.alpha.validate("distill.alpha")
         self.tau.validate("distill.tau")
         for end in ("value", "final", "initial"):

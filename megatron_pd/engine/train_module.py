@@ -29,7 +29,7 @@ from megatron_pd.models.gpt import (
     output_weight,
     seed_rngs,
 )
-from megatron_pd.parallel.collectives import gather_dim0
+from megatron_pd.parallel.collectives import any_rank, gather_dim0
 from megatron_pd.parallel.vocab import VocabInfo, model_padded_vocab
 from megatron_pd.platform.faults import fault
 
@@ -370,9 +370,7 @@ class TrainModule:
             not torch.isfinite(buffer.grad_data).all()
             for buffer in self.model.buffers + self.model.expert_parallel_buffers
         )
-        flag = torch.tensor([1.0 if (bad_terms or local_grads) else 0.0], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if not flag.item():
+        if not any_rank(bool(bad_terms or local_grads), dist.group.WORLD, self.device):
             return None
         local_terms = [
             n for n in terms if any(not math.isfinite(float(r[n])) for r in reports if n in r)

@@ -20,6 +20,7 @@ from megatron_pd.data.datasets import GlobalBatchSampler, microbatches
 from megatron_pd.engine.flops import peak_tflops, train_flops_per_token
 from megatron_pd.engine.metrics import MetricsLogger, Stopwatch
 from megatron_pd.engine.schedules import schedule_value
+from megatron_pd.parallel.collectives import any_rank
 
 
 def memory_gb(device: torch.device) -> dict:
@@ -50,9 +51,7 @@ class _StopRequest:
         self.flag = True
 
     def agreed(self, device) -> bool:
-        flag = torch.tensor([1.0 if self.flag else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return any_rank(self.flag, dist.group.WORLD, device)
 
     def restore(self):
         for sig, handler in self._previous.items():

@@ -32,6 +32,7 @@ from megatron_pd.logits import store_format as F
 from megatron_pd.logits.store import StoreWriter, compare_headers
 from megatron_pd.logits.store_format import dataset_header, expected_fields, truncation_header
 from megatron_pd.logits.truncation import TruncationSpec, truncate_vocab_parallel
+from megatron_pd.parallel.collectives import any_rank
 
 SPLITS = ("train", "valid")
 
@@ -287,9 +288,8 @@ def _dump_segment(
     for shard in range(dp_rank, segment["shards"], dp_size):
         members = samples[shard * per_shard : (shard + 1) * per_shard].tolist()
         name = _shard_name(segment, shard)
-        done = torch.tensor([1.0 if is_writer and writer.shard_done(name) else 0.0])
-        dist.all_reduce(done, op=dist.ReduceOp.MAX, group=groups.mp)
-        if done.item():  # resumed: this shard was written before
+        # resumed: this shard was written before (its writer tells the model-parallel group)
+        if any_rank(is_writer and writer.shard_done(name), groups.mp):
             done_tokens += len(members) * cfg.data.seq_length * dp_size
             continue
         raw_blocks = []

@@ -24,6 +24,7 @@ import shutil
 import torch
 import torch.distributed as dist
 
+from megatron_pd.parallel.collectives import any_rank
 from megatron_pd.platform.faults import fault
 
 LATEST = "latest"
@@ -287,7 +288,6 @@ class CheckpointManager:
         local = torch.tensor([float(_state_bytes(module))], dtype=torch.float64, device=device)
         dist.all_reduce(local)
         needed = int(local.item())
-        failed = torch.zeros(1, device=device)
         message = ""
         if rank == 0:
             previous = latest_checkpoint(self.root) if os.path.isdir(self.root) else None
@@ -296,13 +296,11 @@ class CheckpointManager:
             os.makedirs(self.root, exist_ok=True)
             free = shutil.disk_usage(self.root).free
             if free < needed:
-                failed[0] = 1.0
                 message = (
                     f"checkpoint in {self.root}: {needed:,} bytes needed, {free:,} free on its "
                     "file system; the previous checkpoint is intact, the run stops"
                 )
-        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
-        if failed.item():
+        if any_rank(bool(message), dist.group.WORLD, device):
             raise CheckpointWriteError(message or f"checkpoint in {self.root}: no space left")
         return needed
 

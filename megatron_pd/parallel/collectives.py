@@ -29,6 +29,18 @@ def all_reduce_sum(tensor: torch.Tensor, group) -> torch.Tensor:
     return tensor
 
 
+def any_rank(flag: bool, group, device=None) -> bool:
+    """True on every rank of ``group`` when ``flag`` holds on any of them (one MAX all-reduce
+    of a one-element tensor on ``device``; default: CUDA under NCCL, else CPU). How the ranks
+    agree to fail, skip or stop together when only some of them saw the reason."""
+    if device is None:
+        device = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    if dist.get_world_size(group) > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
+    return bool(value.item())
+
+
 class _CopyToGroupFunction(torch.autograd.Function):
     """Forward: identity. Backward: SUM all-reduce of the gradient over ``group``."""
 

@@ -81,8 +81,9 @@ def job_lock(path: str, rank: int, what: str = "run directory"):
     """``with job_lock(...)``: rank 0 holds the lock on ``path`` for the block; every rank
     raises the same ValueError if another job holds it (collective: one MAX all-reduce over
     the world)."""
-    import torch
     import torch.distributed as dist
+
+    from megatron_pd.parallel.collectives import any_rank
 
     lock, message = None, ""
     if rank == 0:
@@ -91,11 +92,7 @@ def job_lock(path: str, rank: int, what: str = "run directory"):
             lock.acquire()
         except ValueError as err:
             lock, message = None, str(err)
-    failed = torch.tensor([1.0 if message else 0.0])
-    if dist.get_backend() == "nccl":
-        failed = failed.cuda()
-    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
-    if failed.item():
+    if any_rank(bool(message), dist.group.WORLD):
         raise ValueError(message or f"{what} {path} is in use by another job")
     try:
         yield
