@@ -8,9 +8,14 @@ per token with attention and the LM head counted (engine/flops.py). Measured on 
 matmuls dominate and have the same shapes (the teacher is 4x deeper), alternating LM and PD
 steps in one process.
 
-Part 2 - a 2x wider teacher. Its GEMMs are larger, and a CPU runs larger GEMMs at a higher
-FLOP rate, which a pure FLOP count cannot know: the prediction is also given with each
-model's matmul rate measured on its own layer shapes (rate-corrected: time = FLOPs / rate).
+Part 2 - a 2x wider teacher. The FLOP model assumes the teacher's forward runs at the FLOP
+rate of the student's train step; a wider model does not: its per-token work outside the
+GEMMs (norms, rotary, softmax, residual adds: O(L H) per token) is a smaller share of its
+O(L H^2) FLOPs. Every part therefore also prints the teacher's own seconds in the PD step (the
+module's clock), the two FLOP rates, and the time prediction 1 + T_teacher / T_lm, whose
+deviation is what the PD step costs beyond a student step and a teacher forward (the loss,
+truncation, exchange). The pure-GEMM rates on each model's layer shapes are printed too: they
+differ by a few percent only, so GEMM size is not what makes the wider teacher cheaper.
 
 Part 3 - the loss at a large vocabulary-to-hidden ratio (V = 32000, H = 64), where the output
 layer and the distillation loss rather than the layers dominate: the PD step with the fused
@@ -125,21 +130,32 @@ def _matmul_rate(model: dict, tokens: int, repeats: int = 5) -> float:
 
 
 def _time_steps(modules: dict, cfg, steps: int) -> dict:
+    """Median step seconds per module, and ("<name>_teacher") the seconds of a distillation
+    step its teacher took (forward, truncation and exchange: the module's own clock)."""
     times = {name: [] for name in modules}
+    teacher = {name: [] for name in modules}
     for step in range(steps + 1):
         batches = _batches(cfg, step)
         for name, (module, kwargs) in modules.items():
             start = time.perf_counter()
-            module.train_step(batches, lr=1e-4, **kwargs)
+            result = module.train_step(batches, lr=1e-4, **kwargs)
+            seconds = time.perf_counter() - start
             if step:  # the first step warms up allocations
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+                times[name].append(seconds)
+                share = result.extras.get("teacher_time_share") if result.extras else None
+                if share is not None:
+                    teacher[name].append(share * seconds)
+    out = {name: statistics.median(values) for name, values in times.items()}
+    out.update({f"{n}_teacher": statistics.median(v) for n, v in teacher.items() if v})
+    return out
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--parts", nargs="+", choices=("cost", "wider", "vocab"),
+                        default=["cost", "wider", "vocab"], help="which parts to run")
     args = parser.parse_args(argv)
 
     import torch.distributed as dist
@@ -209,6 +225,8 @@ def main(argv=None) -> int:
     print(
         f"CPU, {args.threads} thread(s), fp32, global batch 8 x seq, median of {args.steps} steps\n"
     )
+    chosen = {"cost": "cost model", "wider": "wider teacher", "vocab": "large V/H"}
+    parts = {chosen[p]: parts[chosen[p]] for p in args.parts}
     for title, part in parts.items():
         with tempfile.TemporaryDirectory() as tmp:
             root = os.path.join(tmp, "teacher")
@@ -243,6 +261,19 @@ def main(argv=None) -> int:
             f"{measured:.3f} | FLOP prediction 1 + F_t/(3 F_s) = {predicted:.3f} | "
             f"deviation {100 * (measured / predicted - 1):+.1f}% (target within +-10%)"
         )
+        if "pd_teacher" in times:
+            t_teacher = times["pd_teacher"]
+            tokens = lm_cfg.train.global_batch_size * part["seq"]
+            rate_train = 3 * f_student * tokens / times["lm"]
+            rate_teacher = f_teacher * tokens / t_teacher
+            timed = 1 + t_teacher / times["lm"]
+            print(
+                f"teacher {t_teacher:.3f}s of the PD step | FLOP rate: student train step "
+                f"{rate_train / 1e9:.1f}, teacher forward {rate_teacher / 1e9:.1f} GFLOP/s "
+                f"({rate_teacher / rate_train:.2f}x) | time prediction 1 + T_teacher/T_lm = "
+                f"{timed:.3f} | deviation {100 * (measured / timed - 1):+.1f}% (the PD step's "
+                "cost beyond its student step and its teacher's forward)"
+            )
         if title == "wider teacher":
             tokens = lm_cfg.train.micro_batch_size * part["seq"]
             rate_s = _matmul_rate(part["student"], tokens)

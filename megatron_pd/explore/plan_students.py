@@ -17,9 +17,9 @@ from megatron_pd.explore.spec import (
     Variant,
     _as_dict,
     _cost,
-    _digest,
     _fail,
     _slug,
+    config_digest,
     flatten,
     variants_of,
 )
@@ -133,7 +133,8 @@ class _State:
                 if probe.distill.truncation is None:
                     _fail(where, "source offline needs distill.truncation (a store is top-p-k)")
                 data = _as_dict(probe)["data"]
-                dump_key = (teacher, _digest([data, probe.train.global_batch_size]))
+                batch = {"global_batch_size": probe.train.global_batch_size}
+                dump_key = (teacher, config_digest({"data": data, "train": batch}))
                 store = os.path.join(self.b.workdir, "stores", f"{_slug(teacher)}-{dump_key[1]}")
                 overrides.update({"distill.teacher.load": None, "distill.store": store})
         overrides["train.seed"] = seed
@@ -142,7 +143,7 @@ class _State:
             _fail(where, "train.eval_interval is 0: the sweep compares held-out losses")
         config = _as_dict(cfg)
         config.pop("run_dir")
-        digest = _digest(
+        digest = config_digest(
             {k: v for k, v in config.items() if k != "train"}
             | {"train": {k: v for k, v in config["train"].items() if k != "seed"}}
         )

@@ -34,6 +34,7 @@ of them. Every error names the axis and variant and comes before any job starts.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import os
@@ -158,6 +159,32 @@ def _shown(value) -> str:
 
 def _digest(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def config_digest(config: dict) -> str:
+    """8 hex digits naming a resolved config (a dict of sections) by the values in which it
+    differs from megatron_pd's defaults: a newer version that adds fields with defaults names
+    the same runs the same, so --collect and resumed sweeps still find them. A changed default
+    changes the names of the runs it changes."""
+    return _digest(_changed(config, _default_config()))
+
+
+@functools.lru_cache(maxsize=1)
+def _default_config() -> dict:
+    from megatron_pd.config.loader import config_to_dict, load_config
+
+    return config_to_dict(load_config(None, []))
+
+
+def _changed(value, default):
+    """The parts of ``value`` that differ from ``default`` (dicts compared key by key)."""
+    if not (isinstance(value, dict) and isinstance(default, dict)):
+        return value
+    return {
+        key: _changed(item, default[key]) if key in default else item
+        for key, item in value.items()
+        if key not in default or item != default[key]
+    }
 
 
 def _slug(text: str) -> str:

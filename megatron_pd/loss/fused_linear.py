@@ -62,7 +62,8 @@ def default_fused_chunk(shard_width: int, device_type: str = "cpu") -> int:
     with the weight (h W^T and dL/dz W) pack the whole [v, H] shard again, so few rows make
     them slow: at V=151,552, H=2048 on 2 cores, 16-row chunks took 2.8x the logits path's
     time; those two GEMMs took 1.2-1.3x longer in 110-row chunks than in 220-row ones, and
-    at V=32,000 1.2x longer in 128-row chunks than in 256-row ones (221 and 256 rows now).
+    at V=32,000 1.2x longer in 128-row chunks than in 256-row ones (221 and 256 rows now;
+    192 for shards narrower than 24,576 columns, where 256 rows broke the memory target).
     The fp32 accumulation of dL/dW runs at full speed from 110 rows.
 
     CUDA: the weight gradient is accumulated into the fp32 [v, H] main_grad chunk after chunk,
@@ -72,6 +73,10 @@ def default_fused_chunk(shard_width: int, device_type: str = "cpu") -> int:
     in multiples of 64: 384 rows at v=151,552, 2048 at v <= 32,768. tools/gpu_check.py
     measures the default against half and double."""
     width = max(shard_width, 1)
+    if device_type == "cpu" and width < 24576:
+        # narrow shards: dL/dh [N, H] is a larger part of the extra memory, so fewer rows
+        # (v=16,000, H=2048, N=4096: 0.167 of the logits path's peak at 256 rows)
+        return max(16, (1 << 21) // width, 192)
     if device_type == "cuda":
         rows = min(2048, max(256, (1 << 26) // width))
         return rows - rows % 64

@@ -318,7 +318,8 @@ def test_default_chunks_bound_the_buffers_and_feed_the_gemms():
     for width in (64, 4096, 18944, 32000, 75776, 151552, 1 << 20):
         cpu, cuda = default_fused_chunk(width), default_fused_chunk(width, "cuda")
         # CPU: >= 2^21 elements per buffer or 256 rows; never past 2^25 elements beyond 16 rows
-        assert cpu * width >= min(1 << 21, 256 * width) and cpu >= 16
+        assert cpu * width >= min(1 << 21, (256 if width >= 24576 else 192) * width)
+        assert cpu >= 16
         assert cpu * width <= (1 << 25) or cpu == max(16, (1 << 21) // width)
         # CUDA: 256-2048 rows in multiples of 64, at most 2^26 elements unless at 256 rows
         assert 256 <= cuda <= 2048 and cuda % 64 == 0

@@ -219,3 +219,21 @@ def test_deltas_and_findings_from_known_metrics(tmp_path):
     claim = {"claim": "grows", "increasing": ["tau/5", "tau/1"]}
     verdict = results.evaluate_claim(claim, collected["variants"])
     assert verdict["margin"] == pytest.approx(5.0) and verdict["spread"] == pytest.approx(0.0)
+
+
+def test_run_names_survive_new_config_fields(monkeypatch):
+    """A run is named by the config values that differ from the defaults: a version of
+    megatron_pd with one more field (at its default) names the same runs the same, a changed
+    value gets a new name."""
+    from megatron_pd.explore import spec as S
+
+    defaults = S._default_config()
+    config = {"model": dict(defaults["model"], hidden_size=96), "train": defaults["train"]}
+    before = S.config_digest(config)
+    grown = {k: dict(v) if isinstance(v, dict) else v for k, v in defaults.items()}
+    grown["train"]["new_knob"] = 7
+    monkeypatch.setattr(S, "_default_config", lambda: grown)
+    assert S.config_digest(dict(config, train=dict(config["train"], new_knob=7))) == before
+    assert S.config_digest(dict(config, train=dict(config["train"], new_knob=8))) != before
+    other = {"model": dict(defaults["model"], hidden_size=128), "train": defaults["train"]}
+    assert S.config_digest(other) != before
