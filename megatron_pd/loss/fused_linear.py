@@ -76,7 +76,7 @@ def default_fused_chunk(shard_width: int, device_type: str = "cpu") -> int:
     if device_type == "cpu" and width < 24576:
         # narrow shards: dL/dh [N, H] is a larger part of the extra memory, so fewer rows
         # (v=16,000, H=2048, N=4096: 0.167 of the logits path's peak at 256 rows)
-        return max(16, (1 << 21) // width, 192)
+        return max((1 << 21) // width, 192)
     if device_type == "cuda":
         rows = min(2048, max(256, (1 << 26) // width))
         return rows - rows % 64
