@@ -6,7 +6,8 @@
 For each vocabulary size and TP size, the student's output layer + distillation loss, forward
 and backward, on the same inputs, each path in fresh processes (one per TP rank, gloo):
   * logits path (loss.fused_output_layer=false): logits = h W^T through autograd (megatron's
-    output layer without gradient-accumulation fusion, which needs apex/TE), the fused
+    column-parallel output layer without gradient-accumulation fusion, which needs apex/TE:
+    dL/dh all-reduced over the ranks in backward, as in the fused path), the fused
     vocab-parallel loss on them, W.grad added into the fp32 main_grad by a hook (as megatron
     DDP's hook does) and freed;
   * fused path: loss/fused_linear.py with grad_scale=1, dL/dW straight into main_grad.
@@ -75,6 +76,7 @@ def child(args) -> dict:
     from megatron_pd.loss.fused_linear import fused_linear_distillation_loss
     from megatron_pd.loss.objective import distillation_loss
     from megatron_pd.loss.spec import LossSpec
+    from megatron_pd.parallel.collectives import copy_to_group
     from megatron_pd.parallel.vocab import VocabInfo
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
@@ -100,7 +102,9 @@ def child(args) -> dict:
     def step():
         h.grad = None
         if args.path == "logits":
-            logits = h @ w.t()
+            # megatron's column-parallel output layer: identity forward, all-reduce of dL/dh
+            # over the tensor-parallel group in backward (the fused path does the same)
+            logits = copy_to_group(h, group) @ w.t()
             out = distillation_loss(logits, labels, teacher, spec, vocab, group, metrics=False)
             loss = (out["loss"] * mask).sum()
         else:

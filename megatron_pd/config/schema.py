@@ -555,7 +555,7 @@ class LossConfig:
     """Tokens per chunk of the loss's [tokens x vocab shard] work, on the logits path and in
     the fused output layer. None: the logits path's chunks are ~4 MB of fp32 per buffer; the
     fused output layer's are larger, as its GEMMs need (loss/fused_linear.py,
-    default_fused_chunk: 221 rows at a 151,552-wide shard on CPU, 384 on CUDA)."""
+    default_fused_chunk: 208 rows at a 151,552-wide shard on CPU, 384 on CUDA)."""
     fused_output_layer: bool = True
     """Fuse the output layer into the loss: the student's final hidden states and its output
     weight shard go into one chunked Function (loss/fused_linear.py), and a live teacher's

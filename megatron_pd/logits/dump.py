@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -126,8 +126,17 @@ def dump_teacher_logits(
             (total_steps * gbs, eval_samples, 0),
             cfg.data.cache_dir or os.path.join(store_dir, "data_cache"),
         )
-        is_writer = teacher.is_last_stage and tp_rank == 0
-        batch = batch_size or cfg.train.micro_batch_size
+        job = _DumpJob(
+            teacher=teacher,
+            spec=spec,
+            groups=groups,
+            seq_length=cfg.data.seq_length,
+            batch=batch_size or cfg.train.micro_batch_size,
+            fused=cfg.loss.fused_output_layer,
+            is_writer=teacher.is_last_stage and tp_rank == 0,
+            value_bits=value_bits,
+            logp_range=logp_range,
+        )
         teacher_state = source.trainer_state()
         summary = {}
         for split_name in splits:
@@ -159,20 +168,7 @@ def dump_teacher_logits(
             previous = F.StoreHeader.read(split_dir)
             writer = StoreWriter(split_dir, previous)
             for segment in plan_segments(split_dir, previous, needed, samples_per_shard):
-                done = _dump_segment(
-                    segment,
-                    ids,
-                    teacher,
-                    spec,
-                    groups,
-                    writer,
-                    cfg,
-                    batch,
-                    is_writer,
-                    value_bits,
-                    logp_range,
-                    split_name,
-                )
+                done = _dump_segment(job, segment, ids, writer, split_name)
                 summary[split_name] = _finish_segment(writer, segment, rank, done)
             if split_name not in summary:  # nothing was missing
                 summary[split_name] = previous.stats
@@ -243,94 +239,104 @@ def _shard_name(segment: dict, shard: int) -> str:
     return f"{shard:05d}" if segment["index"] == 0 else f"s{segment['index']:03d}_{shard:05d}"
 
 
-def _dump_segment(
-    segment,
-    ids,
-    teacher,
-    spec,
-    groups,
-    writer,
-    cfg,
-    batch,
-    is_writer,
-    value_bits,
-    logp_range,
-    split_name,
-) -> dict:
+@dataclass
+class _DumpJob:
+    """What every segment of a dump job shares: the teacher on this rank, the cut, the
+    process groups, the batch sizes, the value encoding and whether this rank writes shards
+    (its replica's last stage, tp rank 0)."""
+
+    teacher: object
+    spec: TruncationSpec
+    groups: object
+    seq_length: int
+    batch: int
+    fused: bool
+    is_writer: bool
+    value_bits: int
+    logp_range: float
+
+
+def _dump_segment(job: _DumpJob, segment: dict, ids, writer: StoreWriter, split_name: str) -> dict:
     """Write this replica's shards of one segment (round-robin over the DP replicas)."""
     rank = dist.get_rank()
-    dp_rank, dp_size = dist.get_rank(groups.dp), dist.get_world_size(groups.dp)
+    dp_rank, dp_size = dist.get_rank(job.groups.dp), dist.get_world_size(job.groups.dp)
     samples, per_shard = segment["samples"], segment["per_shard"]
     if rank == 0 and segment["index"] == len(writer.header.segments):
-        # the plan is written before any shard: a restart finishes exactly this segment
-        import io
-
-        name = f"segment_{segment['index']:03d}.npy"
-        buffer = io.BytesIO()
-        np.save(buffer, samples.astype(np.int64), allow_pickle=False)
-        F.write_atomic(os.path.join(writer.split_dir, name), buffer.getvalue())
-        header = writer.header
-        header.segments.append(
-            {
-                "file": name,
-                "positions": segment["positions"],
-                "samples": int(len(samples)),
-                "shards": segment["shards"],
-                "per_shard": per_shard,
-                "complete": False,
-            }
-        )
-        header.complete = False
-        header.write(writer.split_dir)
+        _record_segment_plan(writer, segment)
     dist.barrier()
-    meter = _Progress(len(samples) * cfg.data.seq_length, split_name) if rank == 0 else None
+    meter = _Progress(len(samples) * job.seq_length, split_name) if rank == 0 else None
     done_tokens = 0
     for shard in range(dp_rank, segment["shards"], dp_size):
         members = samples[shard * per_shard : (shard + 1) * per_shard].tolist()
         name = _shard_name(segment, shard)
         # resumed: this shard was written before (its writer tells the model-parallel group)
-        if any_rank(is_writer and writer.shard_done(name), groups.mp):
-            done_tokens += len(members) * cfg.data.seq_length * dp_size
+        if any_rank(job.is_writer and writer.shard_done(name), job.groups.mp):
+            done_tokens += len(members) * job.seq_length * dp_size
             continue
         raw_blocks = []
         stats = {"tokens": 0, "kept": 0, "kl_sum": 0.0, "kl_rows": 0}
-        for start in range(0, len(members), batch):
-            chunk = members[start : start + batch]
+        for start in range(0, len(members), job.batch):
+            chunk = members[start : start + job.batch]
             tokens = torch.stack([ids.sample(g)["tokens"] for g in chunk])
-            kept = _kept_entries(teacher, tokens, spec, cfg.loss.fused_output_layer)
-            if teacher.is_last_stage and is_writer:
-                kept_ids = kept.indices.view(len(chunk), -1, spec.slots).cpu().numpy()
-                kept_lp = kept.logprobs.view(len(chunk), -1, spec.slots).cpu().numpy()
-                kept_tail = kept.log_tail.view(len(chunk), -1).cpu().numpy()
-                for b in range(len(chunk)):
-                    raw_blocks.append(writer.encode(kept_ids[b], kept_lp[b], kept_tail[b]))
-                valid = kept_ids >= 0
-                stats["tokens"] += int(valid.shape[0] * valid.shape[1])
-                stats["kept"] += int(valid.sum())
-                if start == 0:  # value-encoding fidelity on each shard's first batch
-                    decoded = F.dequantize(
-                        F.quantize(kept_lp, value_bits, logp_range), value_bits, logp_range
-                    )
-                    flat_valid = valid.reshape(-1, spec.slots)
-                    rows = flat_valid.shape[0]
-                    stats["kl_sum"] += (
-                        kl_fidelity(
-                            kept_lp.reshape(-1, spec.slots),
-                            decoded.reshape(-1, spec.slots),
-                            flat_valid,
-                        )
-                        * rows
-                    )
-                    stats["kl_rows"] += rows
-            done_tokens += len(chunk) * cfg.data.seq_length * dp_size
+            kept = _kept_entries(job.teacher, tokens, job.spec, job.fused)
+            if job.is_writer:
+                _encode_batch(job, writer, kept, len(chunk), start == 0, raw_blocks, stats)
+            done_tokens += len(chunk) * job.seq_length * dp_size
             if meter:
                 meter.update(min(done_tokens, meter.total))
-        if is_writer:
+        if job.is_writer:
             writer.write_shard(name, members, [-1] * len(members), raw_blocks, stats)
     dist.barrier()
     if meter:
         meter.update(meter.total, final=True)
     return {"shards": [_shard_name(segment, s) for s in range(segment["shards"])]}
+
+
+def _record_segment_plan(writer: StoreWriter, segment: dict) -> None:
+    """Rank 0, before any shard of a new segment: its sample list and an incomplete entry in
+    the header, so that a restart finishes exactly this segment."""
+    import io
+
+    name = f"segment_{segment['index']:03d}.npy"
+    buffer = io.BytesIO()
+    np.save(buffer, segment["samples"].astype(np.int64), allow_pickle=False)
+    F.write_atomic(os.path.join(writer.split_dir, name), buffer.getvalue())
+    header = writer.header
+    header.segments.append(
+        {
+            "file": name,
+            "positions": segment["positions"],
+            "samples": int(len(segment["samples"])),
+            "shards": segment["shards"],
+            "per_shard": segment["per_shard"],
+            "complete": False,
+        }
+    )
+    header.complete = False
+    header.write(writer.split_dir)
+
+
+def _encode_batch(job, writer, kept, num_samples, first, raw_blocks, stats) -> None:
+    """Append a batch's kept entries to the shard's encoded blocks and statistics; on a
+    shard's ``first`` batch also measure the value encoding's fidelity (KL of the decoded
+    entries)."""
+    slots = job.spec.slots
+    kept_ids = kept.indices.view(num_samples, -1, slots).cpu().numpy()
+    kept_lp = kept.logprobs.view(num_samples, -1, slots).cpu().numpy()
+    kept_tail = kept.log_tail.view(num_samples, -1).cpu().numpy()
+    for b in range(num_samples):
+        raw_blocks.append(writer.encode(kept_ids[b], kept_lp[b], kept_tail[b]))
+    valid = kept_ids >= 0
+    stats["tokens"] += int(valid.shape[0] * valid.shape[1])
+    stats["kept"] += int(valid.sum())
+    if first:
+        bits, span = job.value_bits, job.logp_range
+        decoded = F.dequantize(F.quantize(kept_lp, bits, span), bits, span)
+        flat_valid = valid.reshape(-1, slots)
+        rows = flat_valid.shape[0]
+        fidelity = kl_fidelity(kept_lp.reshape(-1, slots), decoded.reshape(-1, slots), flat_valid)
+        stats["kl_sum"] += fidelity * rows
+        stats["kl_rows"] += rows
 
 
 def _kept_entries(teacher, tokens_BS, spec: TruncationSpec, fused: bool):

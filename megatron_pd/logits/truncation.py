@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_pd.loss.fused_linear import default_fused_chunk
+from megatron_pd.loss.fused_linear import transposed_gemms, chunk_logits, default_fused_chunk
 from megatron_pd.loss.spec import SparseTeacher
 from megatron_pd.parallel.collectives import all_gather_stacked
 from megatron_pd.parallel.vocab import VocabInfo
@@ -288,10 +288,14 @@ def truncate_hidden_vocab_parallel(
             f"{tuple(weight_vH.shape)} do not fit a vocab shard of {valid} columns"
         )
     chunk = chunk_tokens or default_fused_chunk(weight_vH.shape[0], hidden_NH.device.type)
+    rows = min(chunk, hidden_NH.shape[0])
+    buffer = torch.empty(rows, weight_vH.shape[0], dtype=hidden_NH.dtype, device=hidden_NH.device)
+    scratch = torch.empty_like(buffer) if transposed_gemms(hidden_NH.device) else None
 
     def block(start: int, end: int) -> torch.Tensor:
         # the output layer's own product (all padded rows included), then the valid columns
-        return (hidden_NH[start:end] @ weight_vH.t())[:, :valid]
+        out = chunk_logits(hidden_NH[start:end], weight_vH, buffer[: end - start], scratch)
+        return out[:, :valid]
 
     return _truncate_blocks(hidden_NH.shape[0], block, chunk, vocab, spec, tp_group, hidden_NH)
 

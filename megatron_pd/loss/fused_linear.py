@@ -50,8 +50,45 @@ class HiddenTeacher:
     hidden: torch.Tensor
     weight: torch.Tensor
 
-    def logits(self, start: int, end: int) -> torch.Tensor:
-        return self.hidden[start:end] @ self.weight.t()
+    def logits(self, start: int, end: int, out=None, scratch=None) -> torch.Tensor:
+        if out is None:
+            return self.hidden[start:end] @ self.weight.t()
+        return chunk_logits(self.hidden[start:end], self.weight, out[: end - start], scratch)
+
+
+def chunk_logits(hidden_CH, weight_vH, out_Cv, scratch=None) -> torch.Tensor:
+    """out = h W^T for a chunk of rows [C, H] and a vocab shard [v, H], into ``out_Cv``.
+
+    With a ``scratch`` tensor of at least v * C elements (of out's dtype; CPU), the product
+    is made as W h^T [v, C] there and copied transposed into ``out_Cv``: a GEMM whose large
+    operand is the one streamed once (faster with several CPU threads: transposed_gemms); the
+    result is the same (the sums run over H in the same order; checked bitwise)."""
+    if scratch is None or scratch.dtype != out_Cv.dtype or hidden_CH.dtype != out_Cv.dtype:
+        return torch.mm(hidden_CH, weight_vH.t(), out=out_Cv)
+    rows, width = out_Cv.shape
+    flat = scratch.view(-1)[: rows * width].view(width, rows)
+    torch.mm(weight_vH, hidden_CH.t(), out=flat)
+    return out_Cv.copy_(flat.t())
+
+
+def transposed_gemms(device: torch.device) -> bool:
+    """Whether chunk_logits / chunk_grad_hidden go through a scratch here: on CPU with more
+    than one thread. Per 4096 rows, H=2048: with two threads, v=151,552, C=208, h W^T 19.4 s
+    vs W h^T + copy 16.3 s, dL/dz W 18.6 s vs 16.1 s (v=32,000, C=256: 3.94 vs 3.40 s, 3.72
+    vs 3.29 s); with one thread (a rank of TP=2 on 2 cores; v=75,776, C=256) 15.7 vs 15.3 s
+    but 14.2 vs 15.0 s: MKL splits the direct products' few rows badly over threads."""
+    return device.type == "cpu" and torch.get_num_threads() > 1
+
+
+def chunk_grad_hidden(grad_Cv, weight_vH, out_CH, scratch=None) -> torch.Tensor:
+    """out = dL/dz W [C, H], the same way round as chunk_logits: with a ``scratch`` of at
+    least H * C elements, W^T dL/dz^T [H, C] there and a transposing copy."""
+    if scratch is None or scratch.dtype != out_CH.dtype or grad_Cv.dtype != out_CH.dtype:
+        return torch.mm(grad_Cv, weight_vH, out=out_CH)
+    rows, hidden = out_CH.shape
+    flat = scratch.view(-1)[: rows * hidden].view(hidden, rows)
+    torch.mm(weight_vH.t(), grad_Cv.t(), out=flat)
+    return out_CH.copy_(flat.t())
 
 
 def default_fused_chunk(shard_width: int, device_type: str = "cpu") -> int:
@@ -62,9 +99,11 @@ def default_fused_chunk(shard_width: int, device_type: str = "cpu") -> int:
     with the weight (h W^T and dL/dz W) pack the whole [v, H] shard again, so few rows make
     them slow: at V=151,552, H=2048 on 2 cores, 16-row chunks took 2.8x the logits path's
     time; those two GEMMs took 1.2-1.3x longer in 110-row chunks than in 220-row ones, and
-    at V=32,000 1.2x longer in 128-row chunks than in 256-row ones (221 and 256 rows now;
+    at V=32,000 1.2x longer in 128-row chunks than in 256-row ones (208 and 256 rows now;
     192 for shards narrower than 24,576 columns, where 256 rows broke the memory target).
-    The fp32 accumulation of dL/dW runs at full speed from 110 rows.
+    The fp32 accumulation of dL/dW runs at full speed from 110 rows. Rows come in multiples
+    of 16: MKL's W h^T (chunk_logits) at v=151,552 took 24.4 s per 4096 rows in 221-row
+    chunks and 16.1-16.3 s in 192, 208, 224 or 256-row ones.
 
     CUDA: the weight gradient is accumulated into the fp32 [v, H] main_grad chunk after chunk,
     reading and writing 8 bytes per element for 2C flops; a GPU with ~200 flops per byte of
@@ -73,14 +112,15 @@ def default_fused_chunk(shard_width: int, device_type: str = "cpu") -> int:
     in multiples of 64: 384 rows at v=151,552, 2048 at v <= 32,768. tools/gpu_check.py
     measures the default against half and double."""
     width = max(shard_width, 1)
-    if device_type == "cpu" and width < 24576:
-        # narrow shards: dL/dh [N, H] is a larger part of the extra memory, so fewer rows
-        # (v=16,000, H=2048, N=4096: 0.167 of the logits path's peak at 256 rows)
-        return max((1 << 21) // width, 192)
     if device_type == "cuda":
         rows = min(2048, max(256, (1 << 26) // width))
         return rows - rows % 64
-    return max(16, (1 << 21) // width, min(256, (1 << 25) // width))
+    if width < 24576:
+        # narrow shards: dL/dh [N, H] is a larger part of the extra memory, so fewer rows
+        # (v=16,000, H=2048, N=4096: 0.167 of the logits path's peak at 256 rows)
+        return max(-(-(1 << 21) // width // 16) * 16, 192)  # 2^21 elements, rounded up
+    rows = min(256, (1 << 25) // width)  # (from 24,576 columns this holds 2^21 elements)
+    return max(16, rows - rows % 16)
 
 
 class FusedLinearDistillFunction(torch.autograd.Function):
@@ -119,8 +159,9 @@ class FusedLinearDistillFunction(torch.autograd.Function):
         grad_weight, wgrad_alpha = None, 1.0
         if into_main:
             grad_weight, wgrad_alpha = weight_vH.main_grad, main_grad_scale
-        elif wants_wgrad:
-            grad_weight = torch.zeros(weight_vH.shape, dtype=torch.float32, device=device)
+        elif wants_wgrad:  # the first chunk's product overwrites it (beta = 0): no memset
+            make = torch.empty if num_tokens else torch.zeros
+            grad_weight = make(weight_vH.shape, dtype=torch.float32, device=device)
         weights = token_weights_N.to(torch.float32)
         # one set of [C, v] buffers for every chunk: the logits, their gradient and the loss's
         # own workspace are allocated (and page-faulted) once, not chunk after chunk
@@ -129,14 +170,23 @@ class FusedLinearDistillFunction(torch.autograd.Function):
         ws = S.Workspace(chunk, vocab.valid_in_shard, device)
         logits_buf = torch.empty(chunk, width, dtype=hidden_NH.dtype, device=device)
         grad_buf = torch.empty_like(logits_buf) if needs_grad else None
+        # multi-threaded CPU: the GEMMs are made the other way round (chunk_logits), through
+        # a scratch - the gradient's buffer, free until the loss writes it
+        scratch = grad_buf if transposed_gemms(device) else None
+        hidden_scratch = None
+        if scratch is not None:
+            hidden_scratch = torch.empty(chunk * hidden_NH.shape[1], dtype=hidden_NH.dtype)
+        teacher_buf = None
+        if isinstance(teacher, HiddenTeacher):
+            teacher_buf = torch.empty(chunk, width, dtype=teacher.hidden.dtype, device=device)
         for start, end in VP._chunks(num_tokens, chunk_tokens):
             rows = slice(start, end)
-            logits_Cv = torch.mm(hidden_NH[rows], weight_vH.t(), out=logits_buf[: end - start])
+            logits_Cv = chunk_logits(hidden_NH[rows], weight_vH, logits_buf[: end - start], scratch)
             dense = None
             if isinstance(teacher, DenseTeacher):
                 dense = teacher.logits[rows]
             elif isinstance(teacher, HiddenTeacher):
-                dense = teacher.logits(start, end)
+                dense = teacher.logits(start, end, teacher_buf, scratch)
             part = _slice_prep(sparse, start, end)
             labels_C = labels_N[rows] if labels_N is not None else None
             fwd = VP.loss_forward(
@@ -176,9 +226,10 @@ class FusedLinearDistillFunction(torch.autograd.Function):
                 impl,
                 ws,
             )
-            torch.mm(grad_Cv, weight_vH, out=grad_hidden[rows])
+            chunk_grad_hidden(grad_Cv, weight_vH, grad_hidden[rows], hidden_scratch)
             if grad_weight is not None:
-                _accumulate_wgrad(grad_weight, grad_Cv, hidden_NH[rows], wgrad_alpha)
+                overwrite = start == 0 and not into_main
+                _accumulate_wgrad(grad_weight, grad_Cv, hidden_NH[rows], wgrad_alpha, overwrite)
         if into_main:
             weight_vH.grad_added_to_main_grad = True  # megatron DDP: do not add .grad again
             ctx.main_grad_scale, ctx.weight = main_grad_scale, weight_vH
@@ -214,17 +265,27 @@ class FusedLinearDistillFunction(torch.autograd.Function):
         return (dh, dw) + (None,) * 12
 
 
-def _accumulate_wgrad(acc_vH, grad_Cv, hidden_CH, alpha: float) -> None:
+def _accumulate_wgrad(acc_vH, grad_Cv, hidden_CH, alpha: float, overwrite: bool) -> None:
     """acc += alpha * grad^T h in fp32, in place: no [v, H] temporary (one rounding per
-    chunk). Low-precision inputs: fp32 output of the GEMM on CUDA, else an fp32 copy of the
-    chunk (O(chunk) memory)."""
+    chunk); ``overwrite``: acc = alpha * grad^T h (beta = 0: acc's old contents, even NaN,
+    are not read). Low-precision inputs: fp32 output of the GEMM on CUDA, else an fp32 copy
+    of the chunk (O(chunk) memory)."""
+    beta = 0.0 if overwrite else 1.0
     if grad_Cv.dtype == acc_vH.dtype:
-        acc_vH.addmm_(grad_Cv.t(), hidden_CH, alpha=alpha)
+        acc_vH.addmm_(grad_Cv.t(), hidden_CH, beta=beta, alpha=alpha)
         return
     if acc_vH.is_cuda:
-        torch.addmm(acc_vH, grad_Cv.t(), hidden_CH, alpha=alpha, out_dtype=acc_vH.dtype, out=acc_vH)
+        torch.addmm(
+            acc_vH,
+            grad_Cv.t(),
+            hidden_CH,
+            beta=beta,
+            alpha=alpha,
+            out_dtype=acc_vH.dtype,
+            out=acc_vH,
+        )
         return
-    acc_vH.addmm_(grad_Cv.t().to(acc_vH.dtype), hidden_CH.to(acc_vH.dtype), alpha=alpha)
+    acc_vH.addmm_(grad_Cv.t().to(acc_vH.dtype), hidden_CH.to(acc_vH.dtype), beta=beta, alpha=alpha)
 
 
 def _dummy_wgrad(weight: torch.Tensor) -> torch.Tensor:

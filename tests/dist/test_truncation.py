@@ -136,8 +136,13 @@ def integer_hidden_and_weight():
     return hidden, weight
 
 
-def from_hidden(rank, world_size, names):
+def from_hidden(rank, world_size, names, transposed=False):
+    from megatron_pd.logits import truncation
     from megatron_pd.logits.truncation import truncate_hidden_vocab_parallel
+
+    if transposed:  # the multi-threaded CPU path (forked workers keep to one thread)
+        truncation.transposed_gemms = lambda device: True
+    assert truncation.transposed_gemms(torch.device("cpu")) == transposed
 
     hidden, weight = integer_hidden_and_weight()
     width = PADDED // world_size
@@ -151,12 +156,12 @@ def from_hidden(rank, world_size, names):
     ]
 
 
-@pytest.mark.parametrize("world_size", [1, 2, 4])
-def test_truncation_from_hidden_states_keeps_the_same_entries(world_size):
+@pytest.mark.parametrize("world_size,transposed", [(1, False), (2, False), (4, False), (2, True)])
+def test_truncation_from_hidden_states_keeps_the_same_entries(world_size, transposed):
     """The teacher's fused output layer + top-p-k (logits made 4 tokens at a time, never
-    whole) keeps exactly the entries, ties included, and log-probs of truncating the full
-    logits on one rank."""
-    results = run_distributed(from_hidden, world_size, SPECS)
+    whole; also as W h^T copied transposed) keeps exactly the entries, ties included, and
+    log-probs of truncating the full logits on one rank."""
+    results = run_distributed(from_hidden, world_size, SPECS, transposed)
     hidden, weight = integer_hidden_and_weight()
     logits = hidden @ weight.t()
     assert (logits[:, :TRUE_VOCAB].unsqueeze(-1) == logits[:, None, :TRUE_VOCAB]).sum() > 2000
