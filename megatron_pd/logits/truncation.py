@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_pd.loss.fused_linear import transposed_gemms, chunk_logits, default_fused_chunk
+from megatron_pd.loss.fused_linear import chunk_logits, default_fused_chunk, transposed_gemms
 from megatron_pd.loss.spec import SparseTeacher
 from megatron_pd.parallel.collectives import all_gather_stacked
 from megatron_pd.parallel.vocab import VocabInfo

@@ -175,7 +175,9 @@ class FusedLinearDistillFunction(torch.autograd.Function):
         scratch = grad_buf if transposed_gemms(device) else None
         hidden_scratch = None
         if scratch is not None:
-            hidden_scratch = torch.empty(chunk * hidden_NH.shape[1], dtype=hidden_NH.dtype)
+            hidden_scratch = torch.empty(
+                chunk * hidden_NH.shape[1], dtype=hidden_NH.dtype, device=device
+            )
         teacher_buf = None
         if isinstance(teacher, HiddenTeacher):
             teacher_buf = torch.empty(chunk, width, dtype=teacher.hidden.dtype, device=device)

@@ -11,10 +11,10 @@ oracle: logits h W^T over the full vocabulary and the dense float64 reference wi
 import pytest
 import torch
 import torch.distributed as dist
-
 from _dist import run_distributed
-from megatron_pd.loss import triton_kernels
+
 from megatron_pd.loss import fused_linear as FL
+from megatron_pd.loss import triton_kernels
 from megatron_pd.loss.fused_linear import HiddenTeacher, fused_linear_distillation_loss
 from megatron_pd.loss.reference import reference_loss
 from megatron_pd.loss.spec import KD_KINDS, DenseTeacher, LossSpec, SparseTeacher
@@ -181,7 +181,7 @@ def test_fused_linear_torch_equals_reference(world_size):
 
 
 @pytest.mark.parametrize("world_size", [1, 2])
-def testtransposed_gemms_equal_reference(world_size):
+def test_transposed_gemms_equal_reference(world_size):
     """Logits and dL/dh made as W h^T and W^T dL/dz^T in the gradient's buffer, then copied
     transposed (the multi-threaded CPU path); the last chunk is shorter than the scratch."""
     subset = [c for c in CASES if c[0] in ("forward_kl", "reverse_kl") and c[3] == 0.5]
@@ -189,7 +189,7 @@ def testtransposed_gemms_equal_reference(world_size):
     check(per_rank, world_size, subset)
 
 
-def testtransposed_gemms_where_cpu_threads_allow():
+def test_transposed_gemms_where_cpu_threads_allow():
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
