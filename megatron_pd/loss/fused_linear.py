@@ -13,7 +13,13 @@ the weighted sum  sum_t w_t loss_t  with respect to those logits, which two GEMM
 this chunk's rows of dL/dh and its contribution to dL/dW. The chunk's logits and gradient
 are then dropped: what lives past the forward is dL/dh [N, H], the fp32 dL/dW accumulator
 [v, H] (the size of the weight's own gradient, which autograd hands back anyway) and per-token
-values. Backward only scales them by the upstream scalar. No GEMM is recomputed.
+values. Backward only scales them by the upstream scalar. No GEMM is recomputed. The chunk's
+gradient reuses the exponentials its statistics made (loss_grad(from_forward=True)): each
+softmax is one multiply of what the forward left, not a subtract and an exp.
+
+On multi-threaded CPU (transposed_gemms) the torch loss runs on vocab-major chunks: every
+[C, v] buffer is a [v, C] block seen transposed, the layout in which W h^T comes out of the
+fast product and dL/dz^T goes into the two gradient GEMMs, so nothing is transposed.
 
 ``token_weights_N`` (the loss mask of the micro-batch) must be known before the forward, so the
 Function returns the weighted sum as its differentiable output (per-token values come back
@@ -123,6 +129,54 @@ def default_fused_chunk(shard_width: int, device_type: str = "cpu") -> int:
     return max(16, rows - rows % 16)
 
 
+class _ChunkBuffers:
+    """The fused loop's [C, v] buffers, allocated once: the student's logits, a dense or
+    hidden-state teacher's, and their gradient, and how each chunk's products go into them.
+
+    Row-major (CUDA, one CPU thread, the Triton kernels): h W^T straight into the logits
+    buffer, or on multi-threaded CPU W h^T through the gradient's buffer and a transposing
+    copy (chunk_logits). ``vocab_major``: every buffer is a [v, C] block seen as [C, v]
+    (stats.chunk_view), so W h^T lands in it as it is, and dL/dz^T is the [v, C] operand the
+    two gradient GEMMs read directly. A dense teacher's logits are not copied here."""
+
+    def __init__(self, rows, width, hidden_NH, teacher, needs_grad, vocab_major):
+        self.rows, self.width, self.vocab_major = rows, width, vocab_major
+        device, dtype = hidden_NH.device, hidden_NH.dtype
+        size = rows * width
+        self.student = torch.empty(size, dtype=dtype, device=device)
+        self.grad = torch.empty_like(self.student) if needs_grad else None
+        self.teacher = None
+        if isinstance(teacher, HiddenTeacher):
+            self.teacher = torch.empty(size, dtype=teacher.hidden.dtype, device=device)
+        # on multi-threaded CPU the products are made the other way round: row-major chunks
+        # go through a scratch (the gradient's buffer, free until the loss writes it), and
+        # dL/dh through its own [H, C] one
+        transposed = transposed_gemms(device)
+        self.scratch = self.grad if transposed and not vocab_major else None
+        self.hidden_scratch = None
+        if transposed and needs_grad:
+            self.hidden_scratch = torch.empty(rows * hidden_NH.shape[1], dtype=dtype, device=device)
+
+    def _view(self, flat, rows):
+        return S.chunk_view(flat, rows, self.width, self.vocab_major)
+
+    def _product(self, flat, hidden_CH, weight_vH):
+        out = self._view(flat, hidden_CH.shape[0])
+        if self.vocab_major:
+            torch.mm(weight_vH, hidden_CH.t(), out=out.t())
+            return out
+        return chunk_logits(hidden_CH, weight_vH, out, self.scratch)
+
+    def logits(self, hidden_CH, weight_vH):
+        return self._product(self.student, hidden_CH, weight_vH)
+
+    def teacher_product(self, teacher: HiddenTeacher, start: int, end: int):
+        return self._product(self.teacher, teacher.hidden[start:end], teacher.weight)
+
+    def grad_view(self, rows):
+        return self._view(self.grad, rows)
+
+
 class FusedLinearDistillFunction(torch.autograd.Function):
     """sum_t w_t * ((1 - alpha) CE_t + alpha KD_t) from hidden states; see module doc."""
 
@@ -167,28 +221,25 @@ class FusedLinearDistillFunction(torch.autograd.Function):
         # own workspace are allocated (and page-faulted) once, not chunk after chunk
         width = weight_vH.shape[0]
         chunk = min(chunk_tokens, max(num_tokens, 1))
-        ws = S.Workspace(chunk, vocab.valid_in_shard, device)
-        logits_buf = torch.empty(chunk, width, dtype=hidden_NH.dtype, device=device)
-        grad_buf = torch.empty_like(logits_buf) if needs_grad else None
-        # multi-threaded CPU: the GEMMs are made the other way round (chunk_logits), through
-        # a scratch - the gradient's buffer, free until the loss writes it
-        scratch = grad_buf if transposed_gemms(device) else None
-        hidden_scratch = None
-        if scratch is not None:
-            hidden_scratch = torch.empty(
-                chunk * hidden_NH.shape[1], dtype=hidden_NH.dtype, device=device
-            )
-        teacher_buf = None
-        if isinstance(teacher, HiddenTeacher):
-            teacher_buf = torch.empty(chunk, width, dtype=teacher.hidden.dtype, device=device)
+        # multi-threaded CPU, torch loss: every [C, v] buffer is vocab-major (a [v, C] block),
+        # the layout of the products W h^T that run fast there (transposed_gemms): no
+        # transposing copy of the logits (15 ms per 256 x 32,000 chunk, as long as 8 of the
+        # loss's elementwise passes)
+        vocab_major = impl == "torch" and transposed_gemms(device)
+        ws = S.Workspace(chunk, vocab.valid_in_shard, device, vocab_major=vocab_major)
+        buffers = _ChunkBuffers(chunk, width, hidden_NH, teacher, needs_grad, vocab_major)
+        if vocab_major and buffers.grad is not None and buffers.grad.dtype == torch.float32:
+            ws.lend("dot", buffers.grad)  # the row dot products' buffer (free until loss_grad)
         for start, end in VP._chunks(num_tokens, chunk_tokens):
             rows = slice(start, end)
-            logits_Cv = chunk_logits(hidden_NH[rows], weight_vH, logits_buf[: end - start], scratch)
+            logits_Cv = buffers.logits(hidden_NH[rows], weight_vH)
             dense = None
             if isinstance(teacher, DenseTeacher):
+                # row-major rows as they are: the first op that writes them into the
+                # workspace transposes them (as a copy would, without its buffer)
                 dense = teacher.logits[rows]
             elif isinstance(teacher, HiddenTeacher):
-                dense = teacher.logits(start, end, teacher_buf, scratch)
+                dense = buffers.teacher_product(teacher, start, end)
             part = _slice_prep(sparse, start, end)
             labels_C = labels_N[rows] if labels_N is not None else None
             fwd = VP.loss_forward(
@@ -212,7 +263,7 @@ class FusedLinearDistillFunction(torch.autograd.Function):
             if not needs_grad:
                 continue
             ce_weight, kd_weight = VP.grad_weights(fwd, spec, weights[rows])
-            grad_Cv = grad_buf[: end - start]
+            grad_Cv = buffers.grad_view(end - start)
             VP.loss_grad(
                 grad_Cv,
                 logits_Cv,
@@ -227,8 +278,9 @@ class FusedLinearDistillFunction(torch.autograd.Function):
                 end - start,
                 impl,
                 ws,
+                from_forward=True,
             )
-            chunk_grad_hidden(grad_Cv, weight_vH, grad_hidden[rows], hidden_scratch)
+            chunk_grad_hidden(grad_Cv, weight_vH, grad_hidden[rows], buffers.hidden_scratch)
             if grad_weight is not None:
                 overwrite = start == 0 and not into_main
                 _accumulate_wgrad(grad_weight, grad_Cv, hidden_NH[rows], wgrad_alpha, overwrite)

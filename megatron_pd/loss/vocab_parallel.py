@@ -243,10 +243,15 @@ def loss_grad(
     chunk_tokens: int,
     impl: str,
     ws=None,
+    from_forward: bool = False,
 ) -> None:
     """Write d(sum_t ce_weight_t CE_t + kd_weight_t KD_t) / d logits into ``grad_Nv`` (the
     logits' dtype; padded columns 0). ``ce_weight``/``kd_weight`` [N] already include alpha,
-    tau^2 and the ignored/no-entry masks, not 1 / tau_s. No communication."""
+    tau^2 and the ignored/no-entry masks, not 1 / tau_s. No communication.
+
+    ``from_forward``: ``ws`` still holds what loss_forward's statistics left for these very
+    tokens (one chunk; Workspace.fresh): the softmaxes are then rescaled from its exponentials
+    (one multiply instead of a subtract and an exp) and the scaled logits are not remade."""
     per_token, kind = fwd.per_token, fwd.kind
     valid = vocab.valid_in_shard
     grad_Nv[:, valid:] = 0.0  # padded vocabulary columns
@@ -284,7 +289,10 @@ def loss_grad(
         return
     direct = grad_Nv.dtype == torch.float32  # compute straight into the gradient
     rows_needed = min(chunk_tokens, max(student_Nv.shape[0], 1))
+    if from_forward and (ws is None or student_Nv.shape[0] > chunk_tokens):
+        raise ValueError("loss_grad(from_forward=True) needs the forward's workspace, one chunk")
     ws = ws or S.Workspace(rows_needed, valid, student_Nv.device)
+    fresh = ws.fresh if from_forward else {}
     for start, end in _chunks(student_Nv.shape[0], chunk_tokens):
         if valid == 0:
             break
@@ -303,6 +311,7 @@ def loss_grad(
             vocab.true_size,
             ws,
             target,
+            fresh,
         )
         if not direct:
             grad_Nv[rows, :valid] = target
@@ -430,17 +439,20 @@ def _grad_chunk(
     true_vocab,
     ws,
     out,
+    fresh=None,
 ):
     """Write d loss / d student logits of one chunk into ``out`` (fp32 [C, v]).
 
     In-place ops on workspace buffers, few passes. ``ce_weight``/``kd_weight`` [C] already
-    hold the upstream gradient, alpha, tau^2 and 1/tau_s.
+    hold the upstream gradient, alpha, tau^2 and 1/tau_s. ``fresh``: what the forward left in
+    ``ws`` for this chunk (Workspace.fresh), reused.
     """
+    fresh = fresh or {}
     num = student_Cv.shape[0]
     tau_s = spec.tau_student if kind else 1.0
-    s = S.as_fp32_scaled(student_Cv, 1.0 / tau_s, ws.get("s", num))
+    s = _scaled(student_Cv, 1.0 / tau_s, ws, "s", num, fresh)
     lse_s = per_token["lse_s"][:, None]
-    P = torch.sub(s, lse_s, out=out).exp_()
+    P = _softmax(s, lse_s, out, ws, "exp_s", num, fresh)
     width = s.shape[1]
     # The hard-label softmax equals P when tau_s = 1; otherwise it is recomputed at tau = 1.
     shared_ce = labels_local is not None and tau_s == 1.0
@@ -450,7 +462,16 @@ def _grad_chunk(
         grad = P.mul_(ce_col)
     elif kind == "dense":
         grad = _dense_kd_grad(
-            s, P, teacher_Cv, per_token, kd_col, ce_col if shared_ce else None, spec, true_vocab, ws
+            s,
+            P,
+            teacher_Cv,
+            per_token,
+            kd_col,
+            ce_col if shared_ce else None,
+            spec,
+            true_vocab,
+            ws,
+            fresh,
         )
     else:
         grad = _sparse_kd_grad(P, sparse, per_token, kd_col, ce_col if shared_ce else None, spec)
@@ -465,18 +486,35 @@ def _grad_chunk(
     return grad
 
 
-def _dense_kd_grad(s, P, teacher_Cv, per_token, kd_col, ce_col, spec, true_vocab, ws):
+def _scaled(x_Cv, inv_tau, ws, name, num, fresh):
+    """x / tau in fp32 (as_fp32_scaled), or the forward's copy in ``ws`` when it is fresh."""
+    if name in fresh:
+        return ws.get(name, num)
+    return S.as_fp32_scaled(x_Cv, inv_tau, ws.get(name, num))
+
+
+def _softmax(x_Cv, lse_col, out, ws, exp_name, num, fresh):
+    """exp(x - lse) into ``out``: from the forward's exp(x - m) when fresh (times exp(m - lse)
+    <= 1 per row: one multiply, no exp over the chunk), else subtract and exp."""
+    if exp_name in fresh:
+        scale = (fresh[exp_name][:, None] - lse_col).exp_()
+        return torch.mul(ws.get(exp_name, num), scale, out=out)
+    return torch.sub(x_Cv, lse_col, out=out).exp_()
+
+
+def _dense_kd_grad(s, P, teacher_Cv, per_token, kd_col, ce_col, spec, true_vocab, ws, fresh):
     """kd_weight * dKD/ds~ (+ ce_weight * P when the CE softmax is shared), dense teacher.
 
     Returns the gradient in P's buffer (P is consumed).
     """
     kd = spec.kind
     num = s.shape[0]
-    t = S.as_fp32_scaled(teacher_Cv, 1.0 / spec.tau, ws.get("t", num))
+    needs_t = kd in ("mse_logits", "reverse_kl") or "exp_t" not in fresh
+    t = _scaled(teacher_Cv, 1.0 / spec.tau, ws, "t", num, fresh) if needs_t else None
     if kd == "mse_logits":
         P.mul_(ce_col) if ce_col is not None else P.zero_()
         return P.add_(torch.sub(s, t, out=ws.get("tmp", num)).mul_(kd_col * (2.0 / true_vocab)))
-    T = torch.sub(t, per_token["lse_t"][:, None], out=ws.get("tmp", num)).exp_()
+    T = _softmax(t, per_token["lse_t"][:, None], ws.get("tmp", num), ws, "exp_t", num, fresh)
     if kd in ("soft_ce", "forward_kl"):  # P - T
         grad = P.mul_(kd_col if ce_col is None else kd_col + ce_col)
         return grad.addcmul_(T, kd_col, value=-1.0)

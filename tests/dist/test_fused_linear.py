@@ -181,12 +181,34 @@ def test_fused_linear_torch_equals_reference(world_size):
 
 
 @pytest.mark.parametrize("world_size", [1, 2])
-def test_transposed_gemms_equal_reference(world_size):
-    """Logits and dL/dh made as W h^T and W^T dL/dz^T in the gradient's buffer, then copied
-    transposed (the multi-threaded CPU path); the last chunk is shorter than the scratch."""
+def test_vocab_major_chunks_equal_reference(world_size):
+    """The multi-threaded CPU path of the torch loss: every [C, v] buffer vocab-major, logits
+    made as W h^T straight into it, dL/dh as W^T dL/dz^T (every case: the loss's passes, the
+    sparse teacher's gathers and scatters and the row dot products all run on that layout);
+    the last chunk is shorter than the buffers."""
+    per_rank = run_distributed(fused_cases, world_size, CASES, "torch", False, True)
+    check(per_rank, world_size, CASES)
+
+
+@pytest.mark.skipif("triton" not in IMPLS, reason="triton cannot run here")
+def test_transposed_gemms_row_major_equal_reference():
+    """The Triton loss on multi-threaded CPU keeps row-major chunks: logits and dL/dh made as
+    W h^T and W^T dL/dz^T in a scratch, then copied transposed."""
     subset = [c for c in CASES if c[0] in ("forward_kl", "reverse_kl") and c[3] == 0.5]
-    per_rank = run_distributed(fused_cases, world_size, subset, "torch", False, True)
-    check(per_rank, world_size, subset)
+    check(run_distributed(fused_cases, 1, subset, "triton", False, True), 1, subset)
+
+
+def test_chunk_buffers_layout():
+    """What selects the layout: vocab-major only for the torch loss where the GEMMs are
+    turned round; the views are [C, v] either way, and W h^T lands in them unchanged."""
+    hidden, weight = torch.randn(6, 8), torch.randn(11, 8)
+    for vocab_major in (False, True):
+        buffers = FL._ChunkBuffers(4, 11, hidden, None, True, vocab_major)
+        got = buffers.logits(hidden[:3], weight)
+        assert got.shape == (3, 11)
+        assert (got.stride() == (1, 3)) == vocab_major
+        torch.testing.assert_close(got, hidden[:3] @ weight.t())
+        assert buffers.grad_view(3).stride() == got.stride()
 
 
 def test_transposed_gemms_where_cpu_threads_allow():
@@ -351,3 +373,85 @@ def test_default_chunks_bound_the_buffers_and_feed_the_gemms():
         assert 256 <= cuda <= 2048 and cuda % 64 == 0
         assert cuda * width <= (1 << 26) or cuda == 256
     assert default_fused_chunk(151552) == 208 and default_fused_chunk(151552, "cuda") == 384
+
+
+def forward_then_grad(rank, world_size, cases):
+    """For each (kind, teacher, tau, vocab_major): the gradient of one chunk made from what
+    the forward left in its workspace, made afresh, and made from a workspace whose
+    exponentials were overwritten with NaN after the forward."""
+    from megatron_pd.loss import stats as S
+    from megatron_pd.loss import vocab_parallel as VP
+
+    g = torch.Generator().manual_seed(5)
+    vocab = VocabInfo(TRUE_VOCAB, PADDED, world_size, rank)
+    width = PADDED // world_size
+    results = []
+    for kind, teacher_kind, tau, vocab_major in cases:
+        spec = LossSpec(kind=kind, alpha=0.7, tau=tau, tail=teacher_kind == "sparse")
+        student = torch.randn(width, TOKENS, generator=g)
+        student = student.t() if vocab_major else student.t().contiguous()
+        labels = torch.randint(0, TRUE_VOCAB, (TOKENS,), generator=g)
+        teacher = None
+        if teacher_kind == "dense":
+            teacher = torch.randn(TOKENS, width, generator=g)
+            teacher = teacher.t().contiguous().t() if vocab_major else teacher
+        sparse = None
+        if teacher_kind == "sparse":
+            logp = torch.log_softmax(torch.randn(TOKENS, TRUE_VOCAB, generator=g), -1)
+            values, index = logp.topk(KEEP, -1)
+            sparse = VP._sparse_prep(SparseTeacher(index, values), spec, vocab)
+        weights = torch.ones(TOKENS)
+
+        def grad(from_forward, poison=False):
+            ws = S.Workspace(TOKENS, vocab.valid_in_shard, "cpu", vocab_major=vocab_major)
+            fwd = VP.loss_forward(
+                student, labels, teacher, sparse, spec, vocab, dist.group.WORLD, TOKENS, [],
+                False, "torch", ws,
+            )
+            if poison:
+                for name in ws.fresh:
+                    ws.get(name, TOKENS).fill_(float("nan"))
+            ce, kd = VP.grad_weights(fwd, spec, weights)
+            out = torch.empty_like(student)
+            VP.loss_grad(
+                out, student, labels, teacher, sparse, fwd, ce, kd, spec, vocab, TOKENS,
+                "torch", ws, from_forward=from_forward,
+            )
+            return out, sorted(ws.fresh)
+
+        reused, fresh = grad(True)
+        again, _ = grad(False)
+        poisoned, _ = grad(True, poison=True)
+        results.append((reused, again, poisoned, fresh))
+    return results
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_gradient_reuses_the_forward_exponentials(world_size):
+    """loss_grad(from_forward=True) equals the gradient made afresh, and it does read the
+    forward's buffers (NaN written into them after the forward reaches the gradient). A
+    sparse teacher with tail leaves no student exponentials (outside_exp_sum zeroes the kept
+    columns)."""
+    cases = [
+        (kind, teacher, tau, vocab_major)
+        for kind, teacher, tau in (
+            ("forward_kl", "dense", 1.0),
+            ("forward_kl", "dense", 2.0),
+            ("reverse_kl", "dense", 0.5),
+            ("jsd", "dense", 1.0),
+            ("mse_logits", "dense", 1.0),
+            ("soft_ce", "sparse", 1.0),
+            ("mse_probs", "sparse", 2.0),
+        )
+        for vocab_major in (False, True)
+    ]
+    per_rank = run_distributed(forward_then_grad, world_size, cases)
+    for results in per_rank:
+        for case, (reused, again, poisoned, fresh) in zip(cases, results):
+            torch.testing.assert_close(reused, again, rtol=1e-5, atol=1e-7, msg=str(case))
+            kind, teacher, tau, _ = case
+            expected = {"exp_s", "exp_t"} if teacher == "dense" else set()
+            if tau != 1.0:
+                expected |= {"s", "t"} if teacher == "dense" else {"s"}
+            assert set(fresh) == expected, case
+            assert torch.isnan(poisoned).any() == bool(fresh), case
