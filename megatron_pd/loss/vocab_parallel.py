@@ -452,10 +452,13 @@ def _grad_chunk(
     tau_s = spec.tau_student if kind else 1.0
     s = _scaled(student_Cv, 1.0 / tau_s, ws, "s", num, fresh)
     lse_s = per_token["lse_s"][:, None]
-    P = _softmax(s, lse_s, out, ws, "exp_s", num, fresh)
-    width = s.shape[1]
     # The hard-label softmax equals P when tau_s = 1; otherwise it is recomputed at tau = 1.
     shared_ce = labels_local is not None and tau_s == 1.0
+    # The CE's softmax is always exp(s - lse), never rescaled from the forward's exponentials:
+    # then alpha = 0 reproduces LM-only training bit for bit, at every tau
+    student_fresh = {k: v for k, v in fresh.items() if k != "exp_s"} if shared_ce else fresh
+    P = _softmax(s, lse_s, out, ws, "exp_s", num, student_fresh)
+    width = s.shape[1]
     ce_col = ce_weight[:, None]
     kd_col = kd_weight[:, None]
     if kind is None:

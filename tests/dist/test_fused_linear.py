@@ -4,7 +4,8 @@ Loss (the mask-weighted sum and every per-token value), the hidden states' gradi
 rank's gradient of its output-weight shard, for every loss kind, dense and sparse teachers
 (with and without tail), a teacher given as hidden states, tau 0.5 and 2, alpha 0, 0.9 and 1;
 a prime true vocabulary padded past the last shard, ignored tokens, masked tokens, chunks that
-do not divide the tokens; torch and Triton (interpreter) paths; sequence-parallel input. The
+do not divide the tokens; torch and Triton (interpreter) paths, row-major and vocab-major
+chunks (the multi-threaded CPU layout); sequence-parallel input. The
 oracle: logits h W^T over the full vocabulary and the dense float64 reference with autograd.
 """
 
@@ -387,7 +388,8 @@ def forward_then_grad(rank, world_size, cases):
     width = PADDED // world_size
     results = []
     for kind, teacher_kind, tau, vocab_major in cases:
-        spec = LossSpec(kind=kind, alpha=0.7, tau=tau, tail=teacher_kind == "sparse")
+        alpha = 0.0 if teacher_kind is None else 0.7
+        spec = LossSpec(kind=kind, alpha=alpha, tau=tau, tail=teacher_kind == "sparse")
         student = torch.randn(width, TOKENS, generator=g)
         student = student.t() if vocab_major else student.t().contiguous()
         labels = torch.randint(0, TRUE_VOCAB, (TOKENS,), generator=g)
@@ -431,7 +433,9 @@ def test_gradient_reuses_the_forward_exponentials(world_size):
     """loss_grad(from_forward=True) equals the gradient made afresh, and it does read the
     forward's buffers (NaN written into them after the forward reaches the gradient). A
     sparse teacher with tail leaves no student exponentials (outside_exp_sum zeroes the kept
-    columns)."""
+    columns). The softmax the hard-label CE uses is never rescaled (alpha = 0 reproduces
+    LM-only training bit for bit): where the CE shares the student's softmax (tau 1) the
+    student's part of the gradient is bitwise the one made afresh."""
     cases = [
         (kind, teacher, tau, vocab_major)
         for kind, teacher, tau in (
@@ -442,6 +446,7 @@ def test_gradient_reuses_the_forward_exponentials(world_size):
             ("mse_logits", "dense", 1.0),
             ("soft_ce", "sparse", 1.0),
             ("mse_probs", "sparse", 2.0),
+            ("forward_kl", None, 1.0),
         )
         for vocab_major in (False, True)
     ]
@@ -450,8 +455,15 @@ def test_gradient_reuses_the_forward_exponentials(world_size):
         for case, (reused, again, poisoned, fresh) in zip(cases, results):
             torch.testing.assert_close(reused, again, rtol=1e-5, atol=1e-7, msg=str(case))
             kind, teacher, tau, _ = case
+            if teacher is None:  # the CE alone: nothing rescaled
+                assert torch.equal(reused, again) and not torch.isnan(poisoned).any(), case
+                assert fresh == ["exp_s"], case
+                continue
             expected = {"exp_s", "exp_t"} if teacher == "dense" else set()
             if tau != 1.0:
                 expected |= {"s", "t"} if teacher == "dense" else {"s"}
             assert set(fresh) == expected, case
-            assert torch.isnan(poisoned).any() == bool(fresh), case
+            # at tau 1 the student's softmax is the CE's (made afresh), and mse_logits has no
+            # teacher softmax: nothing of the forward's is read there
+            reads = bool(fresh) and not (kind == "mse_logits" and tau == 1.0)
+            assert torch.isnan(poisoned).any() == reads, case
