@@ -56,10 +56,10 @@ class HiddenTeacher:
     hidden: torch.Tensor
     weight: torch.Tensor
 
-    def logits(self, start: int, end: int, out=None, scratch=None) -> torch.Tensor:
-        if out is None:
-            return self.hidden[start:end] @ self.weight.t()
-        return chunk_logits(self.hidden[start:end], self.weight, out[: end - start], scratch)
+    def logits(self, start: int, end: int) -> torch.Tensor:
+        """Its logits for tokens [start, end), whole (the fused loop makes them chunk by chunk
+        in its own buffers: _ChunkBuffers.teacher_product)."""
+        return self.hidden[start:end] @ self.weight.t()
 
 
 def chunk_logits(hidden_CH, weight_vH, out_Cv, scratch=None) -> torch.Tensor:
@@ -140,7 +140,7 @@ class _ChunkBuffers:
     two gradient GEMMs read directly. A dense teacher's logits are not copied here."""
 
     def __init__(self, rows, width, hidden_NH, teacher, needs_grad, vocab_major):
-        self.rows, self.width, self.vocab_major = rows, width, vocab_major
+        self.width, self.vocab_major = width, vocab_major
         device, dtype = hidden_NH.device, hidden_NH.dtype
         size = rows * width
         self.student = torch.empty(size, dtype=dtype, device=device)

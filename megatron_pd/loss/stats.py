@@ -190,6 +190,9 @@ def as_fp32_scaled(x_Cv: torch.Tensor, inv_tau: float, out: torch.Tensor | None 
     return out.copy_(x_Cv)
 
 
+_ROWDOT_STATS = {"d_s", "q_ss", "b_t", "c_ts", "e_st", "q_tt", "x_st", "sq"}  # rowdot's
+
+
 def chunk_local_stats(
     student_Cv: torch.Tensor,
     teacher_Cv: torch.Tensor | None,
@@ -222,8 +225,8 @@ def chunk_local_stats(
         return torch.stack([m, m] + [out[n] for n in names], dim=-1)
     ws = ws or Workspace(num, width, device)
     ws.fresh = {}
-    # vocab-major rows: the row dot products go through a buffer (rowdot)
-    dot = ws.get("dot", num) if ws.vocab_major else None
+    # vocab-major rows: the row dot products go through a buffer (rowdot), if there are any
+    dot = ws.get("dot", num) if ws.vocab_major and _ROWDOT_STATS.intersection(names) else None
     s = as_fp32_scaled(student_Cv, 1.0 / tau_s, ws.get("s", num))
     if s is not student_Cv:
         ws.fresh["s"] = None

@@ -456,8 +456,7 @@ def _grad_chunk(
     shared_ce = labels_local is not None and tau_s == 1.0
     # The CE's softmax is always exp(s - lse), never rescaled from the forward's exponentials:
     # then alpha = 0 reproduces LM-only training bit for bit, at every tau
-    student_fresh = {k: v for k, v in fresh.items() if k != "exp_s"} if shared_ce else fresh
-    P = _softmax(s, lse_s, out, ws, "exp_s", num, student_fresh)
+    P = _softmax(s, lse_s, out, ws, "exp_s", num, {} if shared_ce else fresh)
     width = s.shape[1]
     ce_col = ce_weight[:, None]
     kd_col = kd_weight[:, None]
