@@ -125,6 +125,10 @@ def child(args) -> dict:
             start = time.perf_counter()
             value = step()
             times.append(time.perf_counter() - start)
+    # every rank leaves together: a gloo group torn down at exit while a peer still talks to
+    # it aborts the process ("terminate called without an active exception")
+    dist.barrier()
+    dist.destroy_process_group()
     return {
         "seconds": sorted(times)[len(times) // 2],
         "extra_mb": peak.extra_mb,

@@ -1,7 +1,7 @@
 """Benchmark megatron_pd's output layer + distillation loss against its peers on one input set.
 
     python tools/bench_peers.py                          # N=1024, H=1024, V=32000, ~7 min
-    python tools/bench_peers.py --vocab 151552 --json runs/bench_peers.json
+    python tools/bench_peers.py --tokens 2048 --hidden 2048 --vocab 151552 --json runs/peers.json
 
 Every row is the forward + backward of the output layer (student logits h W^T, made apart
 or inside the loss) and the objective  sum over non-ignored tokens of
@@ -21,8 +21,10 @@ reset before the first timed fwd+bwd minus RSS before; per rank, the max shown),
 per micro-batch (c10d ops seen by a dispatch mode during one fwd+bwd), and agreement with the
 megatron_pd logits path at TP=1 and the same alpha: |loss per token - reference| and the max
 abs difference of dL/dh and dL/dW (a rank's rows of W against the same rows of the
-reference). Each row runs in fresh processes: TP=1 one process with 2 threads, TP=2 two gloo
-ranks with 1 thread each (2 cores in all either way).
+reference). After the table, every peer row (eager torch included) side by side with each
+megatron_pd row given the same inputs (TP, alpha, teacher as logits or hidden): time and
+memory ratios ours / peer. Each row runs in fresh processes: TP=1 one process with 2
+threads, TP=2 two gloo ranks with 1 thread each (2 cores in all either way).
 """
 
 from __future__ import annotations
@@ -524,6 +526,55 @@ def print_table(cases: list, rows: list) -> None:
         )
 
 
+def side_by_side(cases: list, rows: list) -> list:
+    """Every peer row (eager torch included) against each megatron_pd row given the same
+    inputs (TP, alpha, teacher as logits or hidden): time and peak-memory ratios ours / peer."""
+    ours = [(c, r) for c, r in zip(cases, rows) if c.impl.startswith("mpd") and "error" not in r]
+    pairs = []
+    for case, row in zip(cases, rows):
+        if case.impl.startswith("mpd") or "error" in row:
+            continue
+        for mine, mine_row in ours:
+            if (mine.tp, mine.alpha, mine.teacher) != (case.tp, case.alpha, case.teacher):
+                continue
+            pairs.append(
+                {
+                    "peer": case.key,
+                    "peer_label": case.label,
+                    "ours": mine.key,
+                    "ours_label": mine.label,
+                    "tp": case.tp,
+                    "teacher": case.teacher,
+                    "time_ratio": mine_row["time_s"] / row["time_s"],
+                    "memory_ratio": mine_row["peak_extra_mb"] / max(row["peak_extra_mb"], 1e-9),
+                }
+            )
+    return pairs
+
+
+def print_side_by_side(pairs: list) -> None:
+    if not pairs:
+        print("\nSide by side: no peer row ran beside a megatron_pd row with the same inputs")
+        return
+    print("\nSide by side: megatron_pd / peer on the same inputs (< 1: ours faster, smaller)\n")
+    print("| peer | TP | megatron_pd row | teacher given as | time ratio | memory ratio |")
+    print("|---" * 6 + "|")
+    for pair in pairs:
+        print(
+            f"| {pair['peer_label']} | {pair['tp']} | {pair['ours_label']} | {pair['teacher']} | "
+            f"{pair['time_ratio']:.2f} | {pair['memory_ratio']:.2f} |"
+        )
+    peers = sorted({pair["peer"] for pair in pairs})
+    beaten = {p["peer"] for p in pairs if p["time_ratio"] < 1 and p["memory_ratio"] < 1}
+    print(
+        f"\npeer rows with a megatron_pd row both faster and smaller: "
+        f"{len(beaten)} of {len(peers)}"
+    )
+    for peer in peers:
+        if peer not in beaten:
+            print(f"* not beaten on both: {peer}")
+
+
 NOTES = """Conventions (all rows are brought to the same objective before comparing):
 * loss = sum over non-ignored tokens; "loss / token" divides it by their number. Liger returns
   that mean: multiplied back by the count (its backward is scaled the same way).
@@ -625,6 +676,8 @@ def main(argv=None) -> int:
                 runs[at].append(launch_row(args, cases[at], work_dir))
     rows = [combine_rounds(results) for results in runs]
     print_table(cases, rows)
+    pairs = side_by_side(cases, rows)
+    print_side_by_side(pairs)
     failures = [(case, row) for case, row in zip(cases, rows) if "error" in row]
     if failures:
         print("\nRows that could not run:")
@@ -636,6 +689,7 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             record = {"args": vars(args), "versions": versions, "notes": NOTES}
             record["rows"] = [{**asdict(c), **r} for c, r in zip(cases, rows)]
+            record["side_by_side"] = pairs
             json.dump(record, f, indent=1)
         print(f"wrote {args.json}")
     return 0
