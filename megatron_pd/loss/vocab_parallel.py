@@ -439,15 +439,14 @@ def _grad_chunk(
     true_vocab,
     ws,
     out,
-    fresh=None,
+    fresh: dict,
 ):
     """Write d loss / d student logits of one chunk into ``out`` (fp32 [C, v]).
 
     In-place ops on workspace buffers, few passes. ``ce_weight``/``kd_weight`` [C] already
     hold the upstream gradient, alpha, tau^2 and 1/tau_s. ``fresh``: what the forward left in
-    ``ws`` for this chunk (Workspace.fresh), reused.
+    ``ws`` for this chunk (Workspace.fresh; empty: nothing is reused).
     """
-    fresh = fresh or {}
     num = student_Cv.shape[0]
     tau_s = spec.tau_student if kind else 1.0
     s = _scaled(student_Cv, 1.0 / tau_s, ws, "s", num, fresh)

@@ -20,9 +20,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 pytestmark = pytest.mark.slow
 
 
-def _tool(name: str, args: list, tmp_path) -> tuple:
+def _tool(name: str, args: list, tmp_path, out_flag: str = "--json") -> tuple:
+    """Run tools/<name>.py with ``args``; (the JSON it wrote through ``out_flag``, stdout)."""
     out = tmp_path / f"{name}.json"
-    command = [sys.executable, os.path.join(REPO, "tools", f"{name}.py"), *args, "--json", str(out)]
+    command = [sys.executable, os.path.join(REPO, "tools", f"{name}.py"), *args, out_flag, str(out)]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with open(out) as f:
@@ -90,18 +91,7 @@ def test_bench_fused_output_paths_agree(tmp_path):
 def test_gpu_check_smoke_runs_every_check(tmp_path):
     """tools/gpu_check.sh is run when a GPU is lent, with minutes to spare: its logic (every
     check at toy shapes, on CPU, Triton interpreted) must not first fail there."""
-    out = tmp_path / "gpu_check.json"
-    command = [
-        sys.executable,
-        os.path.join(REPO, "tools", "gpu_check.py"),
-        "--smoke",
-        "--out",
-        str(out),
-    ]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    with open(out) as f:
-        report = json.load(f)
+    report, _ = _tool("gpu_check", ["--smoke"], tmp_path, out_flag="--out")
     checks = report["checks"]
     assert set(checks) >= {"gpu_tests", "triton_vs_torch", "roofline", "fused_output", "online_pd"}
     assert not [name for name, result in checks.items() if "error" in result]
