@@ -11,6 +11,8 @@ or inside the loss) and the objective  sum over non-ignored tokens of
   mpd logits       megatron_pd: h W^T, then loss.objective.distillation_loss (impl torch)
   mpd fused        megatron_pd: loss.fused_linear.fused_linear_distillation_loss (impl
                    torch); teacher as logits (DenseTeacher) or hidden + weight (HiddenTeacher)
+  mpd fused        the same with impl compiled: its row kernels compiled by inductor (as
+    compiled       Liger's compiled row is)
   liger            Liger-Kernel LigerFusedLinearJSDLoss with beta = 0 (its forward KL); the
                    teacher is hidden + weight (it fuses the teacher's GEMM too)
   modelopt         NVIDIA ModelOpt's Megatron LogitsKLLoss (KD only, alpha = 1), and the same
@@ -99,12 +101,15 @@ def build_cases(args) -> list:
     """The rows, references (mpd logits at TP=1) first: later rows compare against them."""
     hard = 1.0 - args.alpha
     mix = f"{hard:g} CE + {args.alpha:g} KL"
+    compiled = "megatron_pd fused (compiled)"
     specs = [
         ("mpd_logits", (1, 2), args.alpha, f"megatron_pd logits path, {mix}", "logits"),
         ("mpd_logits", (1, 2), 1.0, "megatron_pd logits path, KL only", "logits"),
         ("eager", (1,), args.alpha, f"eager torch, {mix}", "logits"),
         ("mpd_fused", (1, 2), args.alpha, f"megatron_pd fused, {mix}", "logits"),
         ("mpd_fused_hidden", (1, 2), args.alpha, f"megatron_pd fused, {mix}", "hidden"),
+        ("mpd_fused_compiled", (1, 2), args.alpha, f"{compiled}, {mix}", "logits"),
+        ("mpd_fused_hidden_compiled", (1, 2), args.alpha, f"{compiled}, {mix}", "hidden"),
         ("liger", (1,), args.alpha, f"Liger JSD beta=0 (eager chunks), {mix}", "hidden"),
         ("liger_compiled", (1,), args.alpha, f"Liger JSD beta=0 (compiled), {mix}", "hidden"),
         ("modelopt_ce", (1, 2), args.alpha, f"ModelOpt KL + mcore CE, {mix}", "logits"),
@@ -241,7 +246,7 @@ def build_mpd_fused(x, case, args, group):
             spec,
             vocab,
             group,
-            impl="torch",
+            impl="compiled" if case.impl.endswith("_compiled") else "torch",
             metrics=False,
             check_inputs=False,
             collectives=reported,
@@ -333,6 +338,8 @@ BUILDERS = {
     "mpd_logits": build_mpd_logits,
     "mpd_fused": build_mpd_fused,
     "mpd_fused_hidden": build_mpd_fused,
+    "mpd_fused_compiled": build_mpd_fused,
+    "mpd_fused_hidden_compiled": build_mpd_fused,
     "liger": build_liger,
     "liger_compiled": lambda *a: build_liger(*a, compiled=True),
     "modelopt": build_modelopt,
@@ -588,10 +595,11 @@ NOTES = """Conventions (all rows are brought to the same objective before compar
   here. mcore's CE calls all_reduce on the TP group even when it has one rank.
 * Liger fuses the teacher's GEMM (hidden + weight), so compare it with the megatron_pd fused
   row whose teacher is given the same way; TP=1 only (single device, no vocab parallelism).
-* megatron_pd rows: impl="torch", metrics=False (no teacher entropy / top-1 agreement, which
-  no peer computes), check_inputs=False (as the training engine runs it; the value checks
-  add one MAX all-reduce at TP > 1 and a read of the logits). The logits path gets dL/dh
-  summed over TP by copy_to_group, the fused path does that itself.
+* megatron_pd rows: impl="torch" (the "compiled" rows: impl="compiled"), metrics=False (no
+  teacher entropy / top-1 agreement, which no peer computes), check_inputs=False (as the
+  training engine runs it; the value checks add one MAX all-reduce at TP > 1 and a read of
+  the logits). The logits path gets dL/dh summed over TP by copy_to_group, the fused path
+  does that itself.
 * collectives: c10d ops counted during one fwd+bwd (all-reduces of dL/dh included).
 """
 

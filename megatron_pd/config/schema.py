@@ -550,7 +550,9 @@ class LossConfig:
 
     implementation: str = "auto"
     """auto (triton on CUDA, else torch), torch (fused vocab-parallel), triton (GPU kernels;
-    an error where Triton cannot run) or reference (gathers the vocabulary; debugging)."""
+    an error where Triton cannot run), compiled (the same row kernels as torch code compiled
+    by inductor: fused C++ loops on CPU, which needs a C++ compiler, ~5-10 s of compiling per
+    loss configuration on first use) or reference (gathers the vocabulary; debugging)."""
     chunk_tokens: Optional[int] = None
     """Tokens per chunk of the loss's [tokens x vocab shard] work, on the logits path and in
     the fused output layer. None: the logits path's chunks are ~4 MB of fp32 per buffer; the
@@ -569,7 +571,9 @@ class LossConfig:
 
     def __post_init__(self):
         _choice(
-            "loss.implementation", self.implementation, ("auto", "torch", "triton", "reference")
+            "loss.implementation",
+            self.implementation,
+            ("auto", "torch", "triton", "compiled", "reference"),
         )
         if self.chunk_tokens is not None:
             _positive("loss.chunk_tokens", self.chunk_tokens)

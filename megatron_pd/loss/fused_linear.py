@@ -29,10 +29,10 @@ parts are summed over ``tp_group`` in backward (``copy_to_group``); with sequenc
 given as its hidden states with its output-weight shard in the student's vocab layout
 (``HiddenTeacher``): its logits are then also made chunk by chunk.
 
-Three implementations, one signature: ``reference`` (the logits h W^T, then the dense reference
-loss with autograd), ``torch`` and ``triton`` (this Function, with the row kernels of
-loss/triton_kernels.py on each chunk). Shape legend: N tokens, H hidden, v this rank's vocab
-shard (padded), C tokens of a chunk.
+Four implementations, one signature: ``reference`` (the logits h W^T, then the dense reference
+loss with autograd), ``torch``, ``triton`` and ``compiled`` (this Function, with the row
+kernels of loss/triton_kernels.py or loss/compiled_kernels.py on each chunk). Shape legend: N
+tokens, H hidden, v this rank's vocab shard (padded), C tokens of a chunk.
 """
 
 from __future__ import annotations
@@ -221,11 +221,11 @@ class FusedLinearDistillFunction(torch.autograd.Function):
         # own workspace are allocated (and page-faulted) once, not chunk after chunk
         width = weight_vH.shape[0]
         chunk = min(chunk_tokens, max(num_tokens, 1))
-        # multi-threaded CPU, torch loss: every [C, v] buffer is vocab-major (a [v, C] block),
-        # the layout of the products W h^T that run fast there (transposed_gemms): no
-        # transposing copy of the logits (15 ms per 256 x 32,000 chunk, as long as 8 of the
-        # loss's elementwise passes)
-        vocab_major = impl == "torch" and transposed_gemms(device)
+        # multi-threaded CPU, torch or compiled loss: every [C, v] buffer is vocab-major (a
+        # [v, C] block), the layout of the products W h^T that run fast there
+        # (transposed_gemms): no transposing copy of the logits (15 ms per 256 x 32,000 chunk,
+        # as long as 8 of the torch loss's elementwise passes)
+        vocab_major = impl in ("torch", "compiled") and transposed_gemms(device)
         ws = S.Workspace(chunk, vocab.valid_in_shard, device, vocab_major=vocab_major)
         buffers = _ChunkBuffers(chunk, width, hidden_NH, teacher, needs_grad, vocab_major)
         if vocab_major and buffers.grad is not None and buffers.grad.dtype == torch.float32:

@@ -1,4 +1,4 @@
-"""One entry point for the distillation objective, with three interchangeable implementations.
+"""One entry point for the distillation objective, with four interchangeable implementations.
 
     distillation_loss(student_logits_Nv, labels_N, teacher, spec, vocab, tp_group, impl=...)
 
@@ -7,6 +7,8 @@
 * ``torch``: the fused vocab-parallel autograd Function (loss/vocab_parallel.py).
 * ``triton``: the same Function with its row passes in Triton kernels (GPU, or the CPU
   interpreter); an error where Triton cannot run.
+* ``compiled``: the same Function with its row passes as torch code compiled by inductor
+  (loss/compiled_kernels.py: fused C++ loops on CPU); an error where it cannot compile.
 ``auto`` picks triton on CUDA when Triton imports, torch otherwise. The choice is logged once
 per process. All return per-token {"loss", "lm", "kd", "teacher_entropy", "agree", "kept"}.
 """
@@ -19,7 +21,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from megatron_pd.loss import triton_kernels
+from megatron_pd.loss import compiled_kernels, triton_kernels
 from megatron_pd.loss.reference import reference_loss
 from megatron_pd.loss.spec import (
     IMPLEMENTATIONS,
@@ -45,7 +47,7 @@ def announce(impl: str, what: str = "distillation loss") -> None:
 
 
 def resolve_implementation(requested: str) -> str:
-    """'reference', 'torch' or 'triton' for a config value (``auto`` included)."""
+    """'reference', 'torch', 'triton' or 'compiled' for a config value (``auto`` included)."""
     if requested == "auto":
         return "triton" if torch.cuda.is_available() and triton_kernels.HAVE_TRITON else "torch"
     if requested not in IMPLEMENTATIONS:
@@ -57,6 +59,11 @@ def resolve_implementation(requested: str) -> str:
         usable, why = triton_kernels.triton_available()
         if not usable:
             raise RuntimeError(f"loss implementation 'triton' cannot run here: {why}")
+    if requested == "compiled":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        usable, why = compiled_kernels.compiled_available(device)
+        if not usable:
+            raise RuntimeError(f"loss implementation 'compiled' cannot run here: {why}")
     return requested
 
 

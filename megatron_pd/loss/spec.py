@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 
 KD_KINDS = ("soft_ce", "forward_kl", "reverse_kl", "jsd", "mse_probs", "mse_logits")
-IMPLEMENTATIONS = ("reference", "torch", "triton")
+IMPLEMENTATIONS = ("reference", "torch", "triton", "compiled")
 
 
 @dataclass(frozen=True)

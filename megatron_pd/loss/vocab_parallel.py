@@ -25,12 +25,17 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_pd.loss import compiled_kernels as CK
 from megatron_pd.loss import stats as S
 from megatron_pd.loss import triton_kernels as TK
 from megatron_pd.loss.spec import DenseTeacher, LossSpec, SparseTeacher, sparse_teacher_distribution
 from megatron_pd.loss.stats import NEG
 from megatron_pd.parallel.collectives import all_gather_stacked, all_reduce_sum
 from megatron_pd.parallel.vocab import VocabInfo
+
+# the implementations whose per-row work is a kernel module (the same three functions:
+# row_stats, jsd_sums, grad_rows); "torch" runs stats.py's passes chunk by chunk
+ROW_KERNELS = {"triton": TK, "compiled": CK}
 
 
 def default_chunk_tokens(shard_width: int, tp_size: int = 1) -> int:
@@ -129,8 +134,9 @@ def loss_forward(
     tau_s = spec.tau_student if kind else 1.0
     teacher_valid = teacher_dense_Nv[:, :valid] if kind == "dense" else None
     # 1. local statistics, one read of the logits
-    if impl == "triton":
-        local = TK.row_stats(
+    kernels = ROW_KERNELS.get(impl)
+    if kernels is not None:
+        local = kernels.row_stats(
             student_Nv[:, :valid],
             teacher_valid,
             labels_local,
@@ -174,8 +180,8 @@ def loss_forward(
 
     # 3. JSD: second read for the log-mixture terms, one SUM all-reduce
     if S.has_second_pass(spec, kind):
-        if impl == "triton" and kind == "dense":
-            sums = TK.jsd_sums(
+        if kernels is not None and kind == "dense":
+            sums = kernels.jsd_sums(
                 student_Nv[:, :valid],
                 teacher_valid,
                 values["lse_s"],
@@ -259,8 +265,9 @@ def loss_grad(
         kd_weight = kd_weight / spec.tau_student
     with_labels = labels_N is not None
     labels_local = labels_N - vocab.shard_start if with_labels else None
-    if impl == "triton":
-        TK.grad_rows(
+    kernels = ROW_KERNELS.get(impl)
+    if kernels is not None:
+        kernels.grad_rows(
             student_Nv[:, :valid],
             teacher_Nv[:, :valid] if kind == "dense" else None,
             labels_local,
@@ -620,12 +627,14 @@ def fused_distill_loss(
     logp = teacher.logprobs if isinstance(teacher, SparseTeacher) else None
     log_tail = teacher.log_tail if isinstance(teacher, SparseTeacher) else None
     log = collectives if collectives is not None else []
-    if impl not in ("torch", "triton"):
-        raise ValueError(f"fused loss implementation {impl!r}: must be torch or triton")
+    if impl not in ("torch", "triton", "compiled"):
+        raise ValueError(f"fused loss implementation {impl!r}: must be torch, triton or compiled")
     if impl == "triton":
         usable, why = TK.triton_available()
         if not usable:
             raise RuntimeError(f"loss implementation 'triton' cannot run here: {why}")
+    if impl == "compiled":
+        CK.check_available(student_logits_Nv.device)
     loss, lm, kd, entropy, agree, kept = FusedDistillLossFunction.apply(
         student_logits_Nv,
         labels_N,

@@ -31,14 +31,14 @@ def _tool(name: str, args: list, tmp_path, out_flag: str = "--json") -> tuple:
 
 
 def test_bench_peers_rows_agree_and_compare_side_by_side(tmp_path):
-    rows = ["mpd_logits", "mpd_fused", "mpd_fused_hidden", "eager"]
+    rows = ["mpd_logits", "mpd_fused", "mpd_fused_hidden", "mpd_fused_hidden_compiled", "eager"]
     peers = {"liger": "liger_kernel", "modelopt_ce": "modelopt", "modelopt": "modelopt"}
     rows += [row for row, module in peers.items() if importlib.util.find_spec(module)]
     args = ["--tokens", "96", "--hidden", "32", "--vocab", "512", "--repeats", "1"]
     record, stdout = _tool("bench_peers", args + ["--tp", "1", "2", "--rows", *rows], tmp_path)
     by_key = {f"{r['impl']}-tp{r['tp']}-a{r['alpha']}": r for r in record["rows"]}
     # every megatron_pd path at TP=1 and 2, eager torch at TP=1, KL-only and mixed objectives
-    assert len(by_key) == len(record["rows"]) >= 9
+    assert len(by_key) == len(record["rows"]) >= 11
     for key, row in by_key.items():
         assert "error" not in row, (key, row.get("traceback") or row["error"])
         if row.get("reference"):

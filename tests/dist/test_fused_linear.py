@@ -4,8 +4,8 @@ Loss (the mask-weighted sum and every per-token value), the hidden states' gradi
 rank's gradient of its output-weight shard, for every loss kind, dense and sparse teachers
 (with and without tail), a teacher given as hidden states, tau 0.5 and 2, alpha 0, 0.9 and 1;
 a prime true vocabulary padded past the last shard, ignored tokens, masked tokens, chunks that
-do not divide the tokens; torch and Triton (interpreter) paths, row-major and vocab-major
-chunks (the multi-threaded CPU layout); sequence-parallel input. The
+do not divide the tokens; torch, Triton (interpreter) and inductor-compiled paths, row-major
+and vocab-major chunks (the multi-threaded CPU layout); sequence-parallel input. The
 oracle: logits h W^T over the full vocabulary and the dense float64 reference with autograd.
 """
 
@@ -15,7 +15,7 @@ import torch.distributed as dist
 from _dist import run_distributed
 
 from megatron_pd.loss import fused_linear as FL
-from megatron_pd.loss import triton_kernels
+from megatron_pd.loss import compiled_kernels, triton_kernels
 from megatron_pd.loss.fused_linear import HiddenTeacher, fused_linear_distillation_loss
 from megatron_pd.loss.reference import reference_loss
 from megatron_pd.loss.spec import KD_KINDS, DenseTeacher, LossSpec, SparseTeacher
@@ -231,6 +231,25 @@ def test_fused_linear_triton_equals_reference(world_size):
     check(run_distributed(fused_cases, world_size, subset, "triton"), world_size, subset)
 
 
+@pytest.mark.skipif(
+    not compiled_kernels.compiled_available("cpu")[0],
+    reason=str(compiled_kernels.compiled_available("cpu")[1]),
+)
+def test_fused_linear_compiled_equals_reference():
+    """The compiled row kernels on the vocab-major chunks they get on multi-threaded CPU (and
+    the shorter last chunk), TP = 2: forward KL from every kind of teacher and JSD (its second
+    pass) at tau 0.5, and CE only (alpha 0). Every loss kind's kernels: test_row_kernels.py."""
+    subset = [
+        c
+        for c in CASES
+        if (c[0] == "forward_kl" and c[3] == 0.5)
+        or (c[0] == "jsd" and c[3] == 0.5 and c[1] == "dense")
+        or (c[0] == "forward_kl" and c[4] == 0.0 and c[1] == "dense")
+    ]
+    per_rank = run_distributed(fused_cases, 2, subset, "compiled", False, True)
+    check(per_rank, 2, subset)
+
+
 def test_sequence_parallel_input():
     subset = [c for c in CASES if c[0] in ("forward_kl", "jsd") and c[3] == 2.0]
     check(run_distributed(fused_cases, 2, subset, "torch", True), 2, subset, True)
@@ -407,8 +426,18 @@ def forward_then_grad(rank, world_size, cases):
         def grad(from_forward, poison=False):
             ws = S.Workspace(TOKENS, vocab.valid_in_shard, "cpu", vocab_major=vocab_major)
             fwd = VP.loss_forward(
-                student, labels, teacher, sparse, spec, vocab, dist.group.WORLD, TOKENS, [],
-                False, "torch", ws,
+                student,
+                labels,
+                teacher,
+                sparse,
+                spec,
+                vocab,
+                dist.group.WORLD,
+                TOKENS,
+                [],
+                False,
+                "torch",
+                ws,
             )
             if poison:
                 for name in ws.fresh:
@@ -416,8 +445,20 @@ def forward_then_grad(rank, world_size, cases):
             ce, kd = VP.grad_weights(fwd, spec, weights)
             out = torch.empty_like(student)
             VP.loss_grad(
-                out, student, labels, teacher, sparse, fwd, ce, kd, spec, vocab, TOKENS,
-                "torch", ws, from_forward=from_forward,
+                out,
+                student,
+                labels,
+                teacher,
+                sparse,
+                fwd,
+                ce,
+                kd,
+                spec,
+                vocab,
+                TOKENS,
+                "torch",
+                ws,
+                from_forward=from_forward,
             )
             return out, sorted(ws.fresh)
 
