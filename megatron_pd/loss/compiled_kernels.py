@@ -98,7 +98,7 @@ def _run(kernel, *args, **static):
 
     Under a Python dispatch mode (FlopCounterMode, a collective counter, an op tracer) dynamo
     cannot compile, and the mode wants to see every op anyway: the kernel's own torch code then
-    runs op by op - the same expressions, with [N, v] temporaries."""
+    runs op by op - the same expressions, with [rows, v] temporaries."""
     if _get_current_dispatch_mode() is not None:
         return kernel(*args, **static)
     import torch._dynamo
@@ -116,7 +116,7 @@ def _run(kernel, *args, **static):
 def _stats_kernel(student, teacher, labels, inv_tau_s, inv_tau, tau_s, shard_start, *, names):
     """[N, 2 + len(names)]: (m_s, m_t, names...) of the scaled rows; k_* / z_out left 0."""
     x = student.float() * inv_tau_s
-    num, width = x.shape
+    width = x.shape[1]
     m_s = x.amax(-1).clamp_min(NEG)  # a row of -inf logits has maximum NEG
     xs = x - m_s[:, None]
     es = torch.exp(xs)
